@@ -1,0 +1,151 @@
+"""The array module every computation goes through: NumPy on the CPU, CuPy on a GPU.
+
+Compute code never names ``numpy`` or ``cupy``. It asks for ``xp``:
+
+* ``get_xp()``            the module of the current device (for creating new arrays);
+* ``array_module(*arrs)`` the module that owns some arrays (for computing on them).
+
+Deriving ``xp`` from the arrays being computed on is what keeps host and device arrays from mixing:
+an operation on CuPy arrays can only produce CuPy arrays. This is the only module that imports CuPy.
+
+The device is chosen once, on first use: ``SCRATCHVAE_DEVICE=cpu|gpu|auto`` (default ``auto``: CuPy when
+it imports and sees a GPU, NumPy otherwise), or explicitly with ``set_device``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy
+
+DEVICES = ("auto", "cpu", "gpu")
+ENV_VAR = "SCRATCHVAE_DEVICE"
+
+_state = {"xp": None, "dtype": numpy.float32}
+
+
+def _import_cupy():
+    """Return the cupy module if it imports and sees at least one usable GPU, else None."""
+    try:
+        import cupy  # noqa: PLC0415  (the one place cupy is imported)
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        cupy.zeros(1).sum()  # a driver or toolkit mismatch only shows up when a kernel runs
+        return cupy
+    except Exception:  # ImportError, CUDARuntimeError, a missing libnvrtc...
+        return None
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and can run a kernel on a GPU."""
+    return _import_cupy() is not None
+
+
+def set_device(device: str = "auto"):
+    """Choose the array module: 'cpu' (NumPy), 'gpu' (CuPy) or 'auto'; returns it.
+
+    Asking for 'gpu' where CuPy or a GPU is missing raises a RuntimeError that says what to install.
+    """
+    device = (device or "auto").lower()
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        _state["xp"] = numpy
+    else:
+        cupy = _import_cupy()
+        if cupy is None and device == "gpu":
+            raise RuntimeError(
+                "device 'gpu' was asked for, but CuPy is not installed or sees no usable GPU. "
+                "Install the CuPy matching your CUDA (e.g. `pip install .[gpu]` for CUDA 12), "
+                f"or use --device cpu / {ENV_VAR}=cpu."
+            )
+        _state["xp"] = cupy if cupy is not None else numpy
+    return _state["xp"]
+
+
+def get_xp():
+    """The array module of the current device (chosen from $SCRATCHVAE_DEVICE on first call)."""
+    if _state["xp"] is None:
+        set_device(os.environ.get(ENV_VAR, "auto"))
+    return _state["xp"]
+
+
+def device_name() -> str:
+    """'gpu' when computing with CuPy, 'cpu' with NumPy."""
+    return "cpu" if get_xp() is numpy else "gpu"
+
+
+def is_device_array(a) -> bool:
+    """True for a CuPy array (lives on the GPU)."""
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def array_module(*arrays):
+    """The module owning ``arrays``: cupy if any is a CuPy array, numpy otherwise."""
+    for a in arrays:
+        if is_device_array(a):
+            import cupy  # noqa: PLC0415  (already imported, since a cupy array exists)
+
+            return cupy
+    return numpy
+
+
+def to_device(a, dtype=None):
+    """Copy a host array (or pass a device one) onto the current device, optionally casting."""
+    xp = get_xp()
+    out = xp.asarray(a)
+    return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def to_host(a) -> numpy.ndarray:
+    """A NumPy copy of a NumPy or CuPy array (for logging, plotting and saving only)."""
+    if is_device_array(a):
+        return a.get()
+    return numpy.asarray(a)
+
+
+def to_float(a) -> float:
+    """A 0-d array as a Python float: the only host transfer a training step makes."""
+    return float(to_host(a))
+
+
+def seed_to_int(seed) -> int:
+    """Fold an int or a tuple of ints (e.g. (seed, step)) into one 63-bit seed."""
+    return int(numpy.random.SeedSequence(seed).generate_state(2, numpy.uint64)[0] >> numpy.uint64(1))
+
+
+def rng(seed):
+    """A random Generator on the current device, seeded by an int or a tuple of ints.
+
+    Seeding from a tuple such as ``(seed, step)`` gives every step its own stream, so a resumed run
+    draws exactly the noise the uninterrupted run drew, with no generator state to save.
+    """
+    xp = get_xp()
+    return xp.random.default_rng(seed_to_int(seed))
+
+
+def get_default_dtype():
+    """The floating dtype new parameters and batches get: float32, or float64 for gradient checks."""
+    return _state["dtype"]
+
+
+def set_default_dtype(dtype) -> None:
+    """Set the floating dtype new parameters and batches get (numpy.float32 or numpy.float64)."""
+    dtype = numpy.dtype(dtype)
+    if dtype not in (numpy.float32, numpy.float64):
+        raise ValueError(f"default dtype must be float32 or float64, got {dtype}")
+    _state["dtype"] = dtype.type
+
+
+class default_dtype:
+    """Context manager: ``with default_dtype(numpy.float64): ...`` builds float64 models for checks."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.saved = get_default_dtype()
+        set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        set_default_dtype(self.saved)
