@@ -1,0 +1,65 @@
+"""CPU/GPU hygiene, checked on NumPy alone.
+
+On CuPy, a compute module that calls NumPy on a device array fails (or silently copies to the host),
+and so does mixing host and device arrays. CI has no GPU, so we check the source instead: the compute
+modules may reach arrays only through ``xp`` (from ``backend``), never by importing NumPy or CuPy, and
+only ``backend`` may import CuPy. The checker is tested on planted violations, so it cannot rot silently.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "scratchvae"
+# modules whose functions run inside the training step on device arrays
+COMPUTE_MODULES = ["layers.py", "vae.py", "optim.py"]
+ARRAY_LIBS = {"numpy", "cupy"}
+
+
+def violations(source, filename="<source>", allow_numpy=False):
+    """Lines of ``source`` that import or use NumPy/CuPy directly (NumPy allowed if ``allow_numpy``)."""
+    banned = {"cupy"} if allow_numpy else set(ARRAY_LIBS)
+    found, aliases = [], set()
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in banned:
+                    found.append(f"{filename}:{node.lineno}: import {alias.name}")
+                    aliases.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in banned:
+            found.append(f"{filename}:{node.lineno}: from {node.module} import ...")
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Name) and node.id in (aliases | ({"np"} if not allow_numpy else set())):
+            found.append(f"{filename}:{node.lineno}: uses {node.id}")
+    return found
+
+
+@pytest.mark.parametrize("name", COMPUTE_MODULES)
+def test_compute_modules_use_only_xp(name):
+    path = PACKAGE / name
+    if not path.exists():
+        pytest.skip(f"{name} not written yet")
+    assert violations(path.read_text(), name) == []
+
+
+def test_only_backend_imports_cupy():
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "backend.py":
+            assert violations(path.read_text(), path.name, allow_numpy=True) == [], path
+
+
+@pytest.mark.parametrize("planted", [
+    "import numpy as np\ndef f(x):\n    return np.exp(x)\n",
+    "import numpy\ndef f(x):\n    return numpy.asarray(x) + x\n",
+    "from numpy import exp\ndef f(x):\n    return exp(x)\n",
+    "def f(x):\n    return np.zeros(3) + x\n",  # a stray np with the import elsewhere
+    "import cupy\ndef f(x):\n    return cupy.asnumpy(x)\n",
+])
+def test_checker_catches_planted_violations(planted):
+    assert violations(planted) != []
+
+
+def test_checker_accepts_xp_code():
+    clean = ("from .backend import array_module\n"
+             "def f(x):\n    xp = array_module(x)\n    return xp.exp(x) + xp.zeros_like(x)\n")
+    assert violations(clean) == []
