@@ -149,3 +149,27 @@ class default_dtype:
 
     def __exit__(self, *exc):
         set_default_dtype(self.saved)
+
+
+def save_npz(path, arrays) -> None:
+    """Write a dict of arrays (device or host) to ``path`` as .npz, atomically: a temporary file, then a rename.
+
+    An interrupted write leaves the previous file intact, never a half-written one.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            numpy.savez(f, **{k: to_host(v) for k, v in arrays.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_npz(path) -> dict:
+    """Read an .npz written by ``save_npz`` into a dict of host arrays (pickles refused)."""
+    with numpy.load(os.fspath(path), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}

@@ -1,0 +1,450 @@
+r"""The VAE: the ELBO's pieces as functions with their gradients beside them, and the model that uses them.
+
+The derivation (see README) maximises the evidence lower bound
+
+.. math::
+    \log p(x) \ge \mathbb{E}_{q(z|x)}[\log p(x|z)] - \mathrm{KL}(q(z|x) \,\|\, p(z)),
+    \qquad q(z|x) = \mathcal N(\mu(x), \mathrm{diag}\,\sigma^2(x)), \quad p(z) = \mathcal N(0, I).
+
+Naming, so that no function can confuse the two: ``logvar`` is always :math:`\log\sigma^2`, and
+:math:`\sigma = \exp(\tfrac12 \mathrm{logvar})`. The noise ``eps`` is drawn once per step and used by
+both the forward and the backward pass (never redrawn for the decoder).
+
+Shapes: ``mu``, ``logvar`` ``(N, d)``; ``eps``, ``z`` ``(m, N, d)`` for ``m`` Monte-Carlo samples per image;
+images ``x`` ``(N, C, H, W)`` in [0, 1]; decoder outputs ``(m, N, C, H, W)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from . import backend
+from .backend import array_module, to_float, to_host
+from .layers import (BatchNorm2d, Conv2d, ConvTranspose2d, Flatten, LeakyReLU, Linear, Module, Reshape,
+                     Sequential, Sigmoid)
+
+# exp(logvar) must stay finite in float32 (max ~3.4e38 = exp(88)); sigma = exp(10) is already far
+# wider than the prior, and sigma = exp(-15) far narrower than any pixel can resolve. Outside these
+# bounds the encoder's logvar is clamped and its gradient is zero (the clamp is the documented guard).
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
+
+# ---- 1. The reparameterization trick -----------------------------------------------------------------
+
+def reparameterize(mu, logvar, eps):
+    r"""z_i = mu + sigma * eps_i with sigma = exp(logvar / 2): a sample of q(z|x) that is differentiable in mu, logvar.
+
+    ``eps`` ``(m, N, d)`` ~ N(0, I) is passed in, so the same noise serves forward, backward and checks.
+    Returns z ``(m, N, d)``.
+    """
+    return mu + array_module(mu).exp(0.5 * logvar) * eps
+
+
+def reparameterize_backward(dz, logvar, eps):
+    r"""Gradients through z_i = mu + exp(logvar/2) eps_i with eps held fixed.
+
+    :math:`\partial L/\partial\mu = \sum_i \partial L/\partial z_i`,
+    :math:`\partial L/\partial \mathrm{logvar} = \sum_i \partial L/\partial z_i \cdot \epsilon_i \cdot \tfrac12 e^{\mathrm{logvar}/2}`.
+    Returns ``(dmu, dlogvar)``, each ``(N, d)``.
+    """
+    sigma = array_module(dz).exp(0.5 * logvar)
+    return dz.sum(axis=0), (dz * eps).sum(axis=0) * (0.5 * sigma)
+
+
+# ---- 2. The KL divergence to the prior, in closed form --------------------------------------------------
+
+def kl_divergence(mu, logvar):
+    r"""KL(N(mu, diag(exp(logvar))) || N(0, I)) per image: :math:`\tfrac12 \sum_j (\mu_j^2 + e^{\mathrm{logvar}_j} - \mathrm{logvar}_j - 1)`.
+
+    Returns ``(N,)`` in nats.
+    """
+    xp = array_module(mu)
+    return 0.5 * (mu * mu + xp.exp(logvar) - logvar - 1).sum(axis=1)
+
+
+def kl_divergence_backward(dkl, mu, logvar):
+    r"""Gradient of the KL: :math:`\partial KL/\partial\mu = \mu`, :math:`\partial KL/\partial\,\mathrm{logvar} = \tfrac12(e^{\mathrm{logvar}} - 1)`.
+
+    ``dkl`` ``(N,)`` is the upstream gradient per image. Returns ``(dmu, dlogvar)``, each ``(N, d)``.
+    """
+    xp = array_module(mu)
+    dkl = dkl[:, None]
+    return dkl * mu, dkl * 0.5 * (xp.exp(logvar) - 1)
+
+
+# ---- 3. Reconstruction terms: -log p(x|z) ---------------------------------------------------------------
+# Each works per Monte-Carlo sample: nll(x, out) returns (m, N); nll_backward returns d/d out.
+
+class SquaredError:
+    r"""The derived term: :math:`\|x - f(z)\|^2` summed over pixels, i.e. :math:`-\log p(x|z)` for a Gaussian
+    decoder with covariance :math:`\tfrac12 I`, up to the constant :math:`\tfrac D2 \log\pi` (``nats_offset``)."""
+
+    name = "sse"
+    output_is_logits = False
+
+    def nll(self, x, out):
+        """Summed squared error per sample and image, ``(m, N)``."""
+        diff = out - x
+        return (diff * diff).reshape(diff.shape[0], diff.shape[1], -1).sum(axis=2)
+
+    def nll_backward(self, dnll, x, out):
+        """d/d out of sum(dnll * nll): 2 (f(z) - x) dnll."""
+        return (2 * dnll.reshape(dnll.shape + (1,) * (out.ndim - 2))) * (out - x)
+
+    def nats_offset(self, num_pixels):
+        """What to add to ``nll`` for the true -log p(x|z) in nats: (D/2) log(pi), from sigma^2 = 1/2."""
+        return 0.5 * num_pixels * math.log(math.pi)
+
+
+class GaussianNLL(SquaredError):
+    r"""Gaussian decoder with fixed variance :math:`s^2`:
+    :math:`-\log p(x|z) = \|x - f(z)\|^2 / (2 s^2) + \tfrac D2 \log(2\pi s^2)` nats, constant included.
+
+    With :math:`s^2 = 1/2` it is the squared error plus a constant: the same model, weighted.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, variance=0.5):
+        if not variance > 0:
+            raise ValueError(f"the Gaussian decoder's variance must be positive, got {variance}")
+        self.variance = float(variance)
+
+    def nll(self, x, out):
+        """Gaussian negative log-likelihood in nats per sample and image, ``(m, N)``."""
+        num_pixels = x[0].size
+        return super().nll(x, out) / (2 * self.variance) + 0.5 * num_pixels * math.log(2 * math.pi * self.variance)
+
+    def nll_backward(self, dnll, x, out):
+        """d/d out: (f(z) - x) / s^2 * dnll."""
+        return super().nll_backward(dnll, x, out) / (2 * self.variance)
+
+    def nats_offset(self, num_pixels):
+        """Zero: ``nll`` already includes the normalising constant."""
+        return 0.0
+
+
+class BernoulliNLL:
+    r"""Bernoulli decoder on logits l: :math:`-\log p(x|z) = \sum_k \mathrm{softplus}(l_k) - x_k l_k`
+    (binary cross-entropy), computed as :math:`\max(l, 0) - x l + \log(1 + e^{-|l|})`, which never overflows."""
+
+    name = "bce"
+    output_is_logits = True
+
+    def nll(self, x, logits):
+        """Binary cross-entropy summed over pixels per sample and image, ``(m, N)``."""
+        xp = array_module(logits)
+        per_pixel = xp.maximum(logits, 0) - x * logits + xp.log1p(xp.exp(-xp.abs(logits)))
+        return per_pixel.reshape(logits.shape[0], logits.shape[1], -1).sum(axis=2)
+
+    def nll_backward(self, dnll, x, logits):
+        """d/d logits: (sigmoid(l) - x) * dnll."""
+        return dnll.reshape(dnll.shape + (1,) * (logits.ndim - 2)) * (sigmoid(logits) - x)
+
+    def nats_offset(self, num_pixels):
+        """Zero: the Bernoulli likelihood has no constant."""
+        return 0.0
+
+
+def sigmoid(a):
+    """Logistic function 1 / (1 + exp(-a)), in the form that cannot overflow for either sign of a."""
+    xp = array_module(a)
+    e = xp.exp(-xp.abs(a))
+    return xp.where(a >= 0, 1 / (1 + e), e / (1 + e))
+
+
+RECONSTRUCTIONS = {"sse": SquaredError, "gaussian": GaussianNLL, "bce": BernoulliNLL}
+
+
+def make_reconstruction(name, variance=0.5):
+    """The reconstruction term called ``name`` ('sse', 'gaussian' or 'bce')."""
+    if name not in RECONSTRUCTIONS:
+        raise ValueError(f"unknown reconstruction {name!r}; choose one of {sorted(RECONSTRUCTIONS)}")
+    return GaussianNLL(variance) if name == "gaussian" else RECONSTRUCTIONS[name]()
+
+
+# ---- 4. The loss: mean over the batch of (reconstruction + beta * KL) --------------------------------------
+
+def elbo_loss(nll, kl, beta=1.0):
+    r"""The training loss, -ELBO with a weight on the KL:
+    :math:`\frac1N \sum_n \big[\frac1m \sum_i \mathrm{nll}_{i,n} + \beta\, KL_n\big]`.
+
+    ``nll`` ``(m, N)`` per-sample reconstruction term, ``kl`` ``(N,)``. beta = 1 is the VAE, beta > 1 beta-VAE.
+    Returns ``(loss, recon, kl)``: the scalar loss and the per-image reconstruction ``(N,)`` and KL ``(N,)``.
+    """
+    recon = nll.mean(axis=0)
+    return (recon + beta * kl).mean(), recon, kl
+
+
+def elbo_loss_backward(nll, beta=1.0):
+    """Gradients of ``elbo_loss`` with respect to ``nll`` ``(m, N)`` and ``kl`` ``(N,)``: 1/(mN) and beta/N."""
+    xp = array_module(nll)
+    m, n = nll.shape
+    return xp.full(nll.shape, 1.0 / (m * n), dtype=nll.dtype), xp.full((n,), beta / n, dtype=nll.dtype)
+
+
+# ---- 5. The baseline the derivation starts from: Monte Carlo over the prior --------------------------------
+
+def logsumexp(a, axis=0):
+    """log(sum(exp(a))) along ``axis``, shifted by the maximum so it neither overflows nor underflows."""
+    xp = array_module(a)
+    top = a.max(axis=axis, keepdims=True)
+    return (top + xp.log(xp.exp(a - top).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def prior_mc_nll(nll):
+    r"""-log p(x) estimated with z_i ~ p(z) = N(0, I) and no encoder:
+    :math:`-\log p(x) \approx -\big(\mathrm{logsumexp}_i(-\mathrm{nll}_i) - \log m\big)`.
+
+    ``nll`` ``(m, N)`` = -log p(x|z_i) per prior sample. Returns ``(N,)``. Almost every prior sample
+    explains x badly, so one sample dominates and training drifts to the average face: why VAEs need q(z|x).
+    """
+    m = nll.shape[0]
+    return -(logsumexp(-nll, axis=0) - math.log(m))
+
+
+def prior_mc_nll_backward(dout, nll):
+    r"""Gradient of ``prior_mc_nll``: :math:`\partial/\partial \mathrm{nll}_i = w_i`, with
+    :math:`w = \mathrm{softmax}_i(-\mathrm{nll}_i)` (each sample weighted by its posterior responsibility).
+
+    ``dout`` ``(N,)``. Returns ``(m, N)``.
+    """
+    xp = array_module(nll)
+    w = xp.exp(-nll - (-nll).max(axis=0, keepdims=True))
+    w /= w.sum(axis=0, keepdims=True)
+    return w * dout
+
+
+# ---- 6. The model ------------------------------------------------------------------------------------------
+
+PRESETS = {
+    # the widely used 64x64 CelebA conv VAE: five 3x3 stride-2 convs, latent 128
+    "default": {"channels": (32, 64, 128, 256, 512), "latent_dim": 128},
+    # learns the built-in faces in a few minutes on two CPU cores
+    "small": {"channels": (16, 32, 64, 128), "latent_dim": 32},
+    # for gradient checks and fast tests
+    "tiny": {"channels": (4, 8), "latent_dim": 4},
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the step was not applied."""
+
+
+class VAE(Module):
+    r"""Convolutional VAE: encoder -> (mu, logvar) -> reparameterize -> decoder -> reconstruction term.
+
+    Encoder: per width c, Conv2d(3x3, stride 2, pad 1) -> BatchNorm -> LeakyReLU; Flatten; two Linear heads.
+    Decoder: Linear -> Reshape -> per width, ConvTranspose2d(3x3, stride 2, pad 1, output_padding 1) ->
+    BatchNorm -> LeakyReLU, a last ConvTranspose2d at the first width, then Conv2d(3x3) to the image
+    channels and, unless the reconstruction works on logits (bce), a Sigmoid so pixels lie in [0, 1].
+    Images enter and leave as ``(N, C, H, W)``; inside, the layers work channels-last.
+    """
+
+    def __init__(self, image_size=64, channels=None, latent_dim=None, in_channels=3, preset="default",
+                 recon="sse", recon_variance=0.5, beta=1.0, mc_samples=1, objective="elbo", seed=0):
+        super().__init__()
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        channels = tuple(channels or PRESETS[preset]["channels"])
+        latent_dim = int(latent_dim or PRESETS[preset]["latent_dim"])
+        if image_size % 2 ** len(channels):
+            raise ValueError(f"image_size {image_size} must be divisible by 2**{len(channels)} "
+                             f"(one halving per encoder width {channels})")
+        if objective not in ("elbo", "prior-mc"):
+            raise ValueError(f"objective must be 'elbo' or 'prior-mc', got {objective!r}")
+        if mc_samples < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        self.config = {"image_size": image_size, "channels": list(channels), "latent_dim": latent_dim,
+                       "in_channels": in_channels, "recon": recon, "recon_variance": recon_variance,
+                       "beta": beta, "mc_samples": mc_samples, "objective": objective, "seed": seed}
+        self.recon = make_reconstruction(recon, recon_variance)
+        self.beta, self.mc_samples, self.objective = beta, mc_samples, objective
+        self.latent_dim = latent_dim
+        self.rng = backend.rng((seed, 1))
+        rng = backend.rng(seed)
+
+        enc, c_prev = [], in_channels
+        for c in channels:
+            enc += [Conv2d(c_prev, c, 3, stride=2, padding=1, rng=rng), BatchNorm2d(c), LeakyReLU()]
+            c_prev = c
+        enc.append(Flatten())
+        self.encoder = Sequential(*enc)
+        side = image_size // 2 ** len(channels)
+        features = channels[-1] * side * side
+        self.fc_mu = Linear(features, latent_dim, rng=rng)
+        self.fc_logvar = Linear(features, latent_dim, rng=rng)
+
+        dec = [Linear(latent_dim, features, rng=rng), Reshape(side, side, channels[-1])]
+        rev = channels[::-1]
+        for c_in, c_out in zip(rev[:-1], rev[1:]):
+            dec += [ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1, rng=rng),
+                    BatchNorm2d(c_out), LeakyReLU()]
+        dec += [ConvTranspose2d(rev[-1], rev[-1], 3, stride=2, padding=1, output_padding=1, rng=rng),
+                BatchNorm2d(rev[-1]), LeakyReLU(), Conv2d(rev[-1], in_channels, 3, padding=1, rng=rng)]
+        if not self.recon.output_is_logits:
+            dec.append(Sigmoid())
+        self.decoder = Sequential(*dec)
+
+    def named_children(self):
+        return [("encoder", self.encoder), ("fc_mu", self.fc_mu), ("fc_logvar", self.fc_logvar),
+                ("decoder", self.decoder)]
+
+    # -- the pieces -----------------------------------------------------------------------------------------
+    def encode(self, x):
+        """Images ``(N, C, H, W)`` -> ``(mu, logvar)`` of q(z|x), each ``(N, d)`` (logvar clamped, see LOGVAR_MIN)."""
+        xp = array_module(x)
+        h = self.encoder.forward(x.transpose(0, 2, 3, 1))  # to channels-last
+        raw = self.fc_logvar.forward(h)
+        self._logvar_free = (raw > LOGVAR_MIN) & (raw < LOGVAR_MAX)
+        return self.fc_mu.forward(h), xp.clip(raw, LOGVAR_MIN, LOGVAR_MAX)
+
+    def encode_backward(self, dmu, dlogvar):
+        """Backward of ``encode``: accumulate encoder gradients; returns dL/dx ``(N, C, H, W)``."""
+        dh = self.fc_mu.backward(dmu) + self.fc_logvar.backward(dlogvar * self._logvar_free)
+        return self.encoder.backward(dh).transpose(0, 3, 1, 2)
+
+    def decode(self, z):
+        """Latents ``(..., d)`` -> decoder outputs ``(..., C, H, W)``: pixel means, or logits for 'bce'."""
+        lead = z.shape[:-1]
+        out = self.decoder.forward(z.reshape(-1, self.latent_dim))
+        return out.transpose(0, 3, 1, 2).reshape(lead + (out.shape[3], out.shape[1], out.shape[2]))
+
+    def decode_backward(self, dout):
+        """Backward of ``decode``: accumulate decoder gradients; returns dL/dz."""
+        lead = dout.shape[:-3]
+        d = dout.reshape((-1,) + dout.shape[-3:]).transpose(0, 2, 3, 1)
+        return self.decoder.backward(d).reshape(lead + (self.latent_dim,))
+
+    def draw_eps(self, n, rng=None):
+        """Standard normal noise ``(m, n, d)`` for the reparameterization (or for prior samples)."""
+        rng = rng or self.rng
+        return rng.standard_normal((self.mc_samples, n, self.latent_dim)).astype(backend.get_default_dtype())
+
+    # -- the loss, forward and backward -----------------------------------------------------------------------
+    def forward_backward(self, x, eps=None, rng=None):
+        """Loss of a batch and its gradient, accumulated into ``grads``; returns ``(loss, recon (N,), kl (N,))``.
+
+        ``eps`` ``(m, N, d)`` is the noise (drawn from ``rng`` or the model's generator when not given):
+        it is the same array in the forward and the backward pass.
+        """
+        if eps is None:
+            eps = self.draw_eps(x.shape[0], rng)
+        if self.objective == "prior-mc":
+            return self._prior_mc_forward_backward(x, eps)
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar, eps)
+        out = self.decode(z)
+        nll = self.recon.nll(x, out)
+        kl = kl_divergence(mu, logvar)
+        loss, recon, kl = elbo_loss(nll, kl, self.beta)
+
+        dnll, dkl = elbo_loss_backward(nll, self.beta)
+        dz = self.decode_backward(self.recon.nll_backward(dnll, x, out))
+        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+        dmu_kl, dlogvar_kl = kl_divergence_backward(dkl, mu, logvar)
+        self.encode_backward(dmu + dmu_kl, dlogvar + dlogvar_kl)
+        return loss, recon, kl
+
+    def _prior_mc_forward_backward(self, x, z):
+        out = self.decode(z)  # z ~ N(0, I): eps *is* the prior sample, no encoder involved
+        nll = self.recon.nll(x, out)
+        per_image = prior_mc_nll(nll)
+        xp = array_module(x)
+        dnll = prior_mc_nll_backward(xp.full(per_image.shape, 1.0 / len(per_image), dtype=nll.dtype), nll)
+        self.decode_backward(self.recon.nll_backward(dnll, x, out))
+        return per_image.mean(), per_image, xp.zeros_like(per_image)
+
+    def loss(self, x, eps):
+        """The training loss for a batch with fixed noise, forward only (for checks); a 0-d array."""
+        if self.objective == "prior-mc":
+            return prior_mc_nll(self.recon.nll(x, self.decode(eps))).mean()
+        mu, logvar = self.encode(x)
+        nll = self.recon.nll(x, self.decode(reparameterize(mu, logvar, eps)))
+        return elbo_loss(nll, kl_divergence(mu, logvar), self.beta)[0]
+
+    def train_step(self, x, optimizer, eps=None, rng=None):
+        """One update: forward, loss, backward, optimiser step. Returns the logged scalars as Python floats.
+
+        Raises NonFiniteLossError (and leaves the parameters untouched) if the loss is NaN or Inf.
+        """
+        self.train()
+        self.zero_grad()
+        loss, recon, kl = self.forward_backward(x, eps=eps, rng=rng)
+        logs = {"loss": to_float(loss), "recon": to_float(recon.mean()), "kl": to_float(kl.mean())}
+        if not all(math.isfinite(v) for v in logs.values()):
+            raise NonFiniteLossError(f"non-finite loss {logs}; parameters were not updated. Lower the "
+                                     "learning rate, or check the input batch for NaN pixels.")
+        optimizer.step()
+        return logs
+
+    # -- using a trained model --------------------------------------------------------------------------------
+    def _in_eval(self, fn):
+        was_training = self.training
+        self.eval()
+        try:
+            return fn()
+        finally:
+            self.train(was_training)
+
+    def output_to_image(self, out):
+        """Decoder outputs -> pixel means in [0, 1] (applies the sigmoid for logits)."""
+        return sigmoid(out) if self.recon.output_is_logits else out
+
+    def sample(self, n, rng=None):
+        """n images ``(n, C, H, W)`` in [0, 1] decoded from z ~ N(0, I) (eval-mode BatchNorm)."""
+        rng = rng or self.rng
+        z = rng.standard_normal((n, self.latent_dim)).astype(backend.get_default_dtype())
+        return self._in_eval(lambda: self.output_to_image(self.decode(z)))
+
+    def reconstruct(self, x):
+        """Decodes of the posterior means mu(x): images ``(N, C, H, W)`` in [0, 1] (eval mode)."""
+        return self._in_eval(lambda: self.output_to_image(self.decode(self.encode(x)[0])))
+
+    def evaluate(self, x, eps=None, rng=None):
+        """Held-out figures for a batch, no update, eval-mode BatchNorm. Python floats, per image unless noted:
+
+        ``neg_elbo_nats`` (-ELBO in nats, constants included, so a true bound on -log p(x)),
+        ``bits_per_dim`` (the same / (D ln 2)), ``recon`` and ``kl`` (the training terms), ``loss``
+        (recon + beta KL), and ``mse`` (per-pixel squared error of the posterior-mean reconstruction).
+        """
+        def run():
+            noise = eps if eps is not None else self.draw_eps(x.shape[0], rng)
+            num_pixels = x[0].size
+            if self.objective == "prior-mc":
+                nll = self.recon.nll(x, self.decode(noise))
+                recon, kl = prior_mc_nll(nll), array_module(x).zeros(x.shape[0], dtype=x.dtype)
+                mse = ((self.output_to_image(self.decode(noise[0])) - x) ** 2).mean()
+            else:
+                mu, logvar = self.encode(x)
+                recon = self.recon.nll(x, self.decode(reparameterize(mu, logvar, noise))).mean(axis=0)
+                kl = kl_divergence(mu, logvar)
+                mse = ((self.output_to_image(self.decode(mu)) - x) ** 2).mean()
+            nats = to_float((recon + kl).mean()) + self.recon.nats_offset(num_pixels)
+            return {"neg_elbo_nats": nats, "bits_per_dim": nats / (num_pixels * math.log(2)),
+                    "recon": to_float(recon.mean()), "kl": to_float(kl.mean()),
+                    "loss": to_float((recon + self.beta * kl).mean()), "mse": to_float(mse)}
+        return self._in_eval(run)
+
+    # -- saving -------------------------------------------------------------------------------------------------
+    def save(self, path):
+        """Write every parameter and buffer, and the config, to an ``.npz`` file (no pickle), atomically."""
+        arrays = {f"model/{k}": v for k, v in self.state_dict().items()}
+        backend.save_npz(path, {"config": json.dumps(self.config), **arrays})
+
+    @classmethod
+    def from_config(cls, config):
+        """A fresh VAE built from a ``config`` dict (as saved in files and checkpoints)."""
+        return cls(**{k: v for k, v in config.items() if k in _VAE_ARGS})
+
+    @classmethod
+    def load(cls, path):
+        """Build a VAE from a file written by ``save`` (or a training checkpoint) and load its state."""
+        arrays = backend.load_npz(path)
+        model = cls.from_config(json.loads(str(arrays["config"])))
+        model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
+        return model
+
+
+_VAE_ARGS = ("image_size", "channels", "latent_dim", "in_channels", "recon", "recon_variance", "beta",
+             "mc_samples", "objective", "seed")
