@@ -75,18 +75,25 @@ def device_name() -> str:
     return "cpu" if get_xp() is numpy else "gpu"
 
 
+# Array types, besides CuPy's, that count as device arrays. The tests register a strict NumPy subclass
+# here that refuses to mix with host arrays, so that CuPy's rules are enforced on machines without a GPU.
+EXTRA_DEVICE_TYPES = []
+
+
 def is_device_array(a) -> bool:
-    """True for a CuPy array (lives on the GPU)."""
-    return type(a).__module__.split(".")[0] == "cupy"
+    """True for an array that lives on the device (a CuPy array)."""
+    return type(a).__module__.split(".")[0] == "cupy" or isinstance(a, tuple(EXTRA_DEVICE_TYPES))
 
 
 def array_module(*arrays):
-    """The module owning ``arrays``: cupy if any is a CuPy array, numpy otherwise."""
+    """The module owning ``arrays``: the device module if any is a device array, numpy otherwise."""
     for a in arrays:
         if is_device_array(a):
-            import cupy  # noqa: PLC0415  (already imported, since a cupy array exists)
+            if type(a).__module__.split(".")[0] == "cupy":
+                import cupy  # noqa: PLC0415  (already imported, since a cupy array exists)
 
-            return cupy
+                return cupy
+            return get_xp()
     return numpy
 
 

@@ -63,3 +63,42 @@ def test_checker_accepts_xp_code():
     clean = ("from .backend import array_module\n"
              "def f(x):\n    xp = array_module(x)\n    return xp.exp(x) + xp.zeros_like(x)\n")
     assert violations(clean) == []
+
+
+# ---- the strict stand-in device: host/device mixing fails on NumPy as it would on CuPy ------------------
+
+from strict_device import HostDeviceMixError, use_strict_device  # noqa: E402
+
+from scratchvae import backend  # noqa: E402
+
+
+def test_strict_device_catches_planted_mixing():
+    import numpy
+    with use_strict_device() as xp:
+        a = xp.ones((2, 3))
+        assert backend.is_device_array(a) and backend.is_device_array(a * 2 + xp.exp(a))
+        with pytest.raises(HostDeviceMixError):
+            a + numpy.ones(3)  # a host array slipped into device code
+        with pytest.raises(HostDeviceMixError):
+            numpy.concatenate([a, numpy.zeros((1, 3))])
+        with pytest.raises(HostDeviceMixError):
+            a[0] = numpy.arange(3.0)
+        assert isinstance(backend.to_host(a), numpy.ndarray) and not backend.is_device_array(backend.to_host(a))
+
+
+def test_training_step_and_model_api_keep_to_the_device():
+    """The whole step (layers, VAE, Adam) and the model's helpers never touch a host array."""
+    from scratchvae.optim import Adam
+    from scratchvae.vae import VAE
+    with use_strict_device():
+        for kw in ({}, {"recon": "bce", "mc_samples": 2}, {"objective": "prior-mc", "mc_samples": 2}):
+            model = VAE(image_size=16, preset="tiny", **kw)
+            x = backend.to_device(backend.rng(0).random((4, 3, 16, 16)), backend.get_default_dtype())
+            assert backend.is_device_array(x)
+            logs = model.train_step(x, Adam(model), rng=backend.rng((0, 1)))
+            assert set(logs) == {"loss", "recon", "kl"} and all(isinstance(v, float) for v in logs.values())
+            assert all(backend.is_device_array(p) for _, p, _ in model.named_parameters())
+            assert backend.is_device_array(model.sample(2)) and backend.is_device_array(model.reconstruct(x))
+            assert isinstance(model.evaluate(x)["neg_elbo_nats"], float)
+        with pytest.raises(HostDeviceMixError):
+            model.train_step(backend.to_host(x), Adam(model))  # a batch left on the host

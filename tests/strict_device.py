@@ -1,0 +1,112 @@
+"""A stand-in for CuPy on machines without a GPU: NumPy arrays that refuse to mix with host arrays.
+
+CuPy raises when an operation combines a device array with a NumPy array; NumPy silently accepts it.
+``DeviceArray`` is an ndarray subclass whose ufuncs and array functions raise ``HostDeviceMixError`` when
+any operand is a plain (host) ndarray, and whose results stay DeviceArrays. ``StrictModule`` plays the
+``cupy`` module: its constructors return DeviceArrays. With ``use_strict_device()`` installed as the
+backend's device, code that would break on CuPy breaks here too.
+"""
+import contextlib
+import types
+
+import numpy
+
+from scratchvae import backend
+
+
+class HostDeviceMixError(TypeError):
+    """An operation combined a device array with a host (NumPy) array."""
+
+
+def _is_host(a):
+    return isinstance(a, numpy.ndarray) and not isinstance(a, DeviceArray)
+
+
+def _check(items, what):
+    for a in items:
+        if isinstance(a, (list, tuple)):
+            _check(a, what)
+        elif _is_host(a):
+            raise HostDeviceMixError(f"{what} mixes a device array with a host numpy array of shape {a.shape}")
+
+
+def _unwrap(a):
+    if isinstance(a, DeviceArray):
+        return a.view(numpy.ndarray)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_unwrap(v) for v in a)
+    return a
+
+
+def _wrap(a):
+    if isinstance(a, numpy.ndarray) and not isinstance(a, DeviceArray):
+        return a.view(DeviceArray)
+    if isinstance(a, tuple):
+        return tuple(_wrap(v) for v in a)
+    return a
+
+
+class DeviceArray(numpy.ndarray):
+    """An ndarray that behaves like a CuPy array: no implicit mixing with host arrays."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        _check(inputs, f"ufunc {ufunc.__name__}")
+        if out is not None:
+            _check(out, f"ufunc {ufunc.__name__} (out=)")
+            kwargs["out"] = _unwrap(out)
+        return _wrap(getattr(ufunc, method)(*_unwrap(inputs), **kwargs))
+
+    def __array_function__(self, func, types_, args, kwargs):
+        _check(args, f"numpy.{func.__name__}")
+        _check(list(kwargs.values()), f"numpy.{func.__name__}")
+        return _wrap(func(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
+
+    def __setitem__(self, key, value):
+        _check([value], "assignment")
+        super().__setitem__(key, _unwrap(value))
+
+    def get(self):
+        """Like cupy.ndarray.get(): a host copy."""
+        return numpy.array(self.view(numpy.ndarray), copy=True)
+
+
+class _StrictGenerator:
+    def __init__(self, seed):
+        self._rng = numpy.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        method = getattr(self._rng, name)
+        return lambda *a, **k: _wrap(numpy.asarray(method(*a, **k)))
+
+
+def _constructor(fn):
+    def make(*args, **kwargs):
+        _check(args[1:], fn.__name__)
+        return _wrap(numpy.asarray(fn(*_unwrap(args), **_unwrap(kwargs))))
+    return make
+
+
+def make_strict_module():
+    """A module object that plays ``cupy``: numpy's namespace, with constructors returning DeviceArrays."""
+    mod = types.ModuleType("strict_device")
+    for name in dir(numpy):
+        if not name.startswith("__"):
+            setattr(mod, name, getattr(numpy, name))
+    for name in ("asarray", "array", "ascontiguousarray", "zeros", "ones", "empty", "full", "arange",
+                 "linspace", "eye", "zeros_like", "ones_like", "empty_like", "full_like"):
+        setattr(mod, name, _constructor(getattr(numpy, name)))
+    mod.random = types.SimpleNamespace(default_rng=_StrictGenerator)
+    return mod
+
+
+@contextlib.contextmanager
+def use_strict_device():
+    """Make the strict module the backend's device for the duration of the block."""
+    saved = backend._state["xp"]
+    backend.EXTRA_DEVICE_TYPES.append(DeviceArray)
+    backend._state["xp"] = make_strict_module()
+    try:
+        yield backend._state["xp"]
+    finally:
+        backend._state["xp"] = saved
+        backend.EXTRA_DEVICE_TYPES.remove(DeviceArray)
