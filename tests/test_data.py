@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scratchvae import data
+from scratchvae import backend, data
 from scratchvae.data import Batches, DataError, load_celeba, load_synthetic
 from scratchvae.faces import CATEGORICAL, CONTINUOUS, FACTOR_NAMES, render_faces, sample_factors, synthetic_faces
+from strict_device import use_strict_device
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/celeba"
 W, H = 178, 218
@@ -354,6 +355,13 @@ def test_batches_from_a_split_and_bad_arguments(tmp_path):
     assert len(Batches(ds.train, 9, drop_last=False)) == 1
     with pytest.raises(DataError, match=r"uint8 array of shape \(n, 3, H, W\)"):
         Batches(np.zeros((4, 3, 8, 8), np.float32), 2)
+
+
+def test_batches_live_on_the_device():
+    with use_strict_device():  # the tests' stand-in for CuPy: device arrays that refuse host arrays
+        xs = list(Batches(numbered(10), 4, seed=1).epoch(0)) + list(Batches(numbered(10), 4, shuffle=False).epoch(0))
+        assert all(backend.is_device_array(x) and x.dtype == np.float32 for x in xs)
+        assert backend.is_device_array(xs[0] * backend.get_xp().ones(1, np.float32))  # mixes with device arrays
 
 
 # -------------------------------------------------------------------------------------- synthetic faces
