@@ -62,8 +62,8 @@ SPLITS = ("train", "valid", "test")
 HELD_OUT = 0.1  # fraction for a held-out split when none is given
 CACHE_VERSION = 1  # bump when the cache format or the preprocessing changes
 SYNTHETIC_NOTICE = (
-    "Using the built-in SYNTHETIC faces (procedurally drawn, not real photos). For real CelebA, give the "
-    "data path: a folder of img_align_celeba JPEGs, img_align_celeba.zip, or torchvision's celeba/ root."
+    "Using the built-in SYNTHETIC faces (procedurally drawn, not real photos). For real CelebA, run with "
+    "--data PATH: a folder of img_align_celeba JPEGs, img_align_celeba.zip, or torchvision's celeba/ root."
 )
 
 
