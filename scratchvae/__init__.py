@@ -1,8 +1,7 @@
 """scratchvae: a Variational Autoencoder from scratch, in NumPy (CPU) and CuPy (GPU).
 
 Modules, one idea each: backend (NumPy or CuPy), layers (forward/backward by hand), vae (the ELBO math
-and the model), optim (Adam, SGD), gradcheck (finite differences), data (CelebA, cache, batches), faces (the built-in
-synthetic faces),
-train (the loop and checkpoints), plots (figures).
+and the model), optim (Adam, SGD), gradcheck (finite differences), data (CelebA, cache, batches),
+faces (the built-in synthetic faces), train (the loop and checkpoints), plots (figures).
 """
 __version__ = "0.1.0"
