@@ -1,0 +1,196 @@
+"""Figures of a training run, drawn from its folder alone: ``log.csv``, ``eval.csv`` and ``checkpoint.npz``.
+
+``plot_run(out_dir)`` writes, with the names users of the derivation expect:
+
+* ``vae_mse.png``        the reconstruction term per step, raw and smoothed, with the held-out values;
+* ``vae_kld.png``        the KL term per step, likewise;
+* ``vae_recons.png``     held-out images above their reconstructions (decodes of the posterior means);
+* ``samples.png``        decodes of z ~ N(0, I);
+* ``interpolation.png``  decodes along straight lines between held-out faces' posterior means;
+* ``traversal.png``      the latent dimensions that carry the most KL, each varied alone.
+
+Matplotlib is used through ``Figure`` objects only (never ``pyplot``), so no window or display is ever
+needed and nothing global changes: the Agg renderer draws straight to PNG.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import backend
+from .train import CHECKPOINT, EVAL, LOG, SAMPLE_STREAM, load_checkpoint, read_csv
+from .vae import VAE
+
+DPI = 100
+RECON_LABELS = {
+    "sse": "squared error per image, sum over pixels",
+    "gaussian": "Gaussian -log p(x|z) per image (nats)",
+    "bce": "Bernoulli -log p(x|z) per image (nats)",
+}
+
+
+def smooth(values, window=None):
+    """A centred-free running mean: the mean of the last ``window`` values at each step (default ~2% of them)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return values
+    window = window or max(1, min(len(values) // 50 or 1, 200))
+    cumsum = np.concatenate([[0.0], np.cumsum(values)])
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, idx - window)
+    return (cumsum[idx] - cumsum[lo]) / (idx - lo)
+
+
+def _columns(rows, *names):
+    """Float columns from CSV rows (dicts of strings)."""
+    return [np.array([float(r[n]) for r in rows]) for n in names]
+
+
+def plot_curve(path, steps, values, eval_steps, eval_values, title, ylabel, label="per step (training batch)"):
+    """One loss term per step, raw and smoothed, with held-out values as points; log scale when all positive."""
+    fig = Figure(figsize=(7, 4), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label=label)
+    ax.plot(steps, smooth(values), color="tab:blue", linewidth=1.8, label="smoothed (running mean)")
+    if len(eval_steps):
+        ax.plot(eval_steps, eval_values, "o-", color="tab:orange", markersize=4, label="held-out (validation)")
+    if len(values) and min(np.min(values), np.min(eval_values, initial=np.inf)) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step (update)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    return path
+
+
+def image_grid(images, ncol, pad=2):
+    """Images ``(n, 3, H, W)`` in [0, 1] tiled in rows of ``ncol`` with a white ``pad``: one ``(H', W', 3)`` array."""
+    images = np.clip(np.asarray(images, dtype=np.float32), 0, 1)
+    n, _, h, w = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y:y + h, x:x + w] = img.transpose(1, 2, 0)
+    return grid
+
+
+def _show_grid(path, grid, title, scale=2, ylabels=None, cell=None):
+    """Save an image grid at ``scale`` screen pixels per image pixel, with a title and optional row labels."""
+    h, w = grid.shape[:2]
+    left = 1.1 if ylabels else 0.1
+    fig = Figure(figsize=(w * scale / DPI + left + 0.1, h * scale / DPI + 0.45), dpi=DPI)
+    ax = fig.add_axes((left / fig.get_figwidth(), 0.05 / fig.get_figheight(),
+                       w * scale / DPI / fig.get_figwidth(), h * scale / DPI / fig.get_figheight()))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([])
+    if ylabels:
+        ax.set_yticks([cell[0] / 2 + 2 + i * (cell[0] + 2) for i in range(len(ylabels))], ylabels, fontsize=8)
+        ax.tick_params(length=0)
+    else:
+        ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.suptitle(title, fontsize=10, y=1 - 0.04 / fig.get_figheight(), va="top")
+    fig.savefig(path)
+    return path
+
+
+def _host(a):
+    return backend.to_host(a)
+
+
+def plot_reconstructions(model, x, path, ncol=8):
+    """Held-out images (rows 1, 3, ...) above their reconstructions from the posterior means (rows 2, 4, ...)."""
+    recon = _host(model.reconstruct(x))
+    x = _host(x)
+    rows = []
+    for i in range(0, len(x), ncol):
+        rows += [x[i:i + ncol], recon[i:i + ncol]]
+    h = x.shape[2]
+    labels = ["original", "reconstruction"] * (len(rows) // 2)
+    return _show_grid(path, image_grid(np.concatenate(rows), ncol), "held-out images and their reconstructions",
+                      ylabels=labels, cell=(h, h))
+
+
+def plot_samples(model, path, n=64, seed=0):
+    """Decodes of ``n`` latents z ~ N(0, I): what the model generates."""
+    images = _host(model.sample(n, rng=backend.rng((seed, SAMPLE_STREAM))))
+    return _show_grid(path, image_grid(images, int(math.sqrt(n))), "samples: decoder(z), z ~ N(0, I)")
+
+
+def plot_interpolation(model, x, path, steps=8, pairs=4):
+    """Rows of decodes along the line between two held-out images' posterior means, originals at the ends."""
+    model.eval()  # BatchNorm with its running statistics, as at test time
+    pairs = min(pairs, len(x) // 2)
+    mu = model.encode(x)[0]
+    xp = backend.array_module(mu)
+    t = xp.linspace(0, 1, steps, dtype=mu.dtype)[:, None]
+    rows = []
+    for p in range(pairs):
+        a, b = 2 * p, 2 * p + 1
+        z = (1 - t) * mu[a] + t * mu[b]
+        decoded = _host(model.output_to_image(model.decode(z)))
+        rows += [_host(x[a:a + 1]), decoded, _host(x[b:b + 1])]
+    return _show_grid(path, image_grid(np.concatenate(rows), steps + 2),
+                      "interpolation: original | decodes of (1-t) mu_a + t mu_b, t = 0..1 | original")
+
+
+def plot_traversal(model, x, path, dims=8, steps=9, span=3.0):
+    """For the ``dims`` latent dimensions with the largest mean KL, vary that one from -span to +span, others fixed.
+
+    The KL per dimension tells which dimensions the encoder uses: one with KL ~ 0 has collapsed to the
+    prior and changes nothing. All rows start from the posterior mean of the first held-out image.
+    """
+    model.eval()
+    mu, logvar = model.encode(x)
+    kl_dim = _host(0.5 * (mu * mu + backend.array_module(mu).exp(logvar) - logvar - 1).mean(axis=0))
+    order = np.argsort(-kl_dim)[:min(dims, model.latent_dim)]
+    xp = backend.array_module(mu)
+    values = xp.linspace(-span, span, steps, dtype=mu.dtype)
+    rows = []
+    for j in order:
+        z = xp.repeat(mu[:1], steps, axis=0)
+        z[:, int(j)] = values
+        rows.append(_host(model.output_to_image(model.decode(z))))
+    labels = [f"z[{j}]  KL {kl_dim[j]:.2f}" for j in order]
+    h = x.shape[2]
+    return _show_grid(path, image_grid(np.concatenate(rows), steps),
+                      f"traversal: z[j] from {-span:g} to {span:g}, dimensions by KL", ylabels=labels, cell=(h, h))
+
+
+def plot_run(out_dir) -> list:
+    """Draw every figure of the run in ``out_dir`` from its log, evaluation log and checkpoint; returns the paths."""
+    from .data import as_batch  # noqa: PLC0415
+
+    out = Path(out_dir)
+    if not (out / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{out / CHECKPOINT} not found: {out} holds no finished or interrupted run")
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    rows, evals = read_csv(out / LOG), read_csv(out / EVAL)
+    recon_name = ckpt["config"]["recon"]
+    paths = []
+    steps, recon, kl = _columns(rows, "step", "recon", "kl")
+    esteps, erecon, ekl = _columns(evals, "step", "recon", "kl")
+    paths.append(plot_curve(out / "vae_mse.png", steps, recon, esteps, erecon, "reconstruction term",
+                            RECON_LABELS.get(recon_name, recon_name)))
+    paths.append(plot_curve(out / "vae_kld.png", steps, kl, esteps, ekl,
+                            "KL(q(z|x) || p(z)) per image", "nats"))
+
+    model = VAE.from_config(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    x = as_batch(ckpt["arrays"]["heldout/images"])
+    seed = int(ckpt["meta"]["seed"])
+    paths.append(plot_reconstructions(model, x[:16], out / "vae_recons.png"))
+    paths.append(plot_samples(model, out / "samples.png", seed=seed))
+    # interpolate between faces not shown in the reconstructions when there are enough
+    paths.append(plot_interpolation(model, x[16:] if len(x) >= 24 else x, out / "interpolation.png"))
+    paths.append(plot_traversal(model, x, out / "traversal.png"))
+    return paths

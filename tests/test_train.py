@@ -1,0 +1,334 @@
+"""The training run end to end through the CLI (examples/celeba.py), in process, on a few dozen tiny built-in faces.
+
+What must hold: every output is written and valid; the reconstruction loss falls; an interrupted-and-resumed
+run logs exactly what an uninterrupted one does; a NaN stops the run and keeps the last good checkpoint;
+a used run folder is never overwritten by accident; bad options give one clear line and status 2.
+"""
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+from PIL import Image
+
+from scratchvae import backend, train
+from scratchvae.vae import VAE
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("celeba_cli", ROOT / "examples" / "celeba.py")
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+# 48 faces of 16x16, batches of 8: 6 steps per epoch; the whole run takes well under a second
+TINY = ["--preset", "tiny", "--image-size", "16", "--limit", "48", "--batch-size", "8", "--lr", "3e-3",
+        "--device", "cpu", "--no-progress"]
+PER_EPOCH = 6
+
+
+@pytest.fixture(autouse=True)
+def restore_device():
+    """The CLI chooses the device; put back whatever the other tests had."""
+    saved = backend._state["xp"]
+    yield
+    backend._state["xp"] = saved
+
+
+def run(out, *args):
+    """main() of the CLI on the tiny setup, writing into ``out``; returns the exit status."""
+    return cli.main(TINY + ["--out", str(out), *map(str, args)])
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(out):
+    """log.csv without the timing column, which no two runs share."""
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows(out / "log.csv")]
+
+
+def epoch_evals(out):
+    """eval.csv rows at the ends of epochs (a run stopped mid-epoch adds one more row of its own)."""
+    return [r for r in rows(out / "eval.csv") if int(r["step"]) % PER_EPOCH == 0]
+
+
+def checkpoint_arrays(out):
+    with numpy.load(out / "checkpoint.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def meta(out):
+    return json.loads(str(checkpoint_arrays(out)["meta"]))
+
+
+# ---- the whole run -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One 5-epoch run shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("run") / "celeba"
+    saved = backend._state["xp"]
+    assert run(out, "--epochs", 5, "--checkpoint-every", 4) == 0
+    backend._state["xp"] = saved
+    return out
+
+
+def test_every_output_is_written_and_valid(finished_run):
+    out = finished_run
+    for name in train.OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in train.FIGURES:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG"
+            img.verify()
+        with Image.open(out / name) as img:
+            pixels = numpy.asarray(img.convert("L"), dtype=float)
+            assert img.width >= 100 and img.height >= 100 and pixels.std() > 5, f"{name} looks blank"
+
+    log = rows(out / "log.csv")
+    assert list(log[0]) == list(train.LOG_FIELDS)
+    assert [int(r["step"]) for r in log] == list(range(1, 5 * PER_EPOCH + 1))
+    assert [int(r["epoch"]) for r in log] == [s // PER_EPOCH + 1 for s in range(5 * PER_EPOCH)]
+    for r in log:
+        assert all(numpy.isfinite(float(r[k])) for k in ("recon", "kl", "loss", "images_per_s"))
+        assert float(r["lr"]) == 3e-3 and float(r["images_per_s"]) > 0
+        assert float(r["loss"]) == pytest.approx(float(r["recon"]) + float(r["kl"]), rel=1e-5)
+
+    evals = rows(out / "eval.csv")
+    assert list(evals[0]) == list(train.EVAL_FIELDS)
+    assert [int(r["step"]) for r in evals] == [PER_EPOCH * e for e in range(1, 6)]
+    for r in evals:
+        nats, bpd = float(r["neg_elbo_nats"]), float(r["bits_per_dim"])
+        assert bpd == pytest.approx(nats / (3 * 16 * 16 * numpy.log(2)))
+        assert 0 < float(r["mse"]) < 1 and float(r["kl"]) >= 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 5 * PER_EPOCH
+    assert summary["final_eval"]["neg_elbo_nats"] == pytest.approx(float(evals[-1]["neg_elbo_nats"]))
+
+
+def test_reconstruction_loss_fell(finished_run):
+    recon = [float(r["recon"]) for r in rows(finished_run / "log.csv")]
+    assert numpy.mean(recon[-5:]) < 0.8 * numpy.mean(recon[:5])
+    held_out = [float(r["recon"]) for r in rows(finished_run / "eval.csv")]
+    assert held_out[-1] < held_out[0]
+
+
+def test_checkpoint_holds_the_whole_state(finished_run):
+    arrays = checkpoint_arrays(finished_run)
+    m = json.loads(str(arrays["meta"]))
+    assert (m["step"], m["epoch"], m["batch_in_epoch"], m["seed"]) == (5 * PER_EPOCH, 5, 0, 0)
+    assert m["train_config"]["preset"] == "tiny" and "noise" in m["rng"]
+    assert any(k.startswith("model/") and "running_mean" in k for k in arrays), "BatchNorm buffers missing"
+    assert int(arrays["optim/t"]) == 5 * PER_EPOCH
+    assert any(k.startswith("optim/") and k.endswith("/m") for k in arrays), "Adam moments missing"
+    assert arrays["heldout/images"].dtype == numpy.uint8
+    model = VAE.load(finished_run / "checkpoint.npz")  # a checkpoint is also a saved model
+    assert model.config["latent_dim"] == 4
+
+
+def test_plot_only_redraws_a_finished_run(finished_run, capsys):
+    for name in train.FIGURES:
+        (finished_run / name).unlink()
+    assert cli.main(["--plot-only", "--out", str(finished_run)]) == 0
+    assert all((finished_run / name).is_file() for name in train.FIGURES)
+
+
+def test_plot_only_without_a_run_says_so(tmp_path, capsys):
+    assert cli.main(["--plot-only", "--out", str(tmp_path)]) == 2
+    assert "checkpoint.npz not found" in capsys.readouterr().err
+
+
+# ---- resume --------------------------------------------------------------------------------------------------
+
+def test_resume_after_max_steps_logs_the_same_losses(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run(whole, "--epochs", 3) == 0
+    assert run(parts, "--epochs", 3, "--max-steps", 8) == 0  # stops mid-epoch 2
+    assert meta(parts)["step"] == 8 and len(rows(parts / "log.csv")) == 8
+    assert run(parts, "--epochs", 3, "--resume") == 0
+    assert losses(parts) == losses(whole)  # every digit of every loss
+    assert epoch_evals(parts) == epoch_evals(whole)
+    a, b = checkpoint_arrays(whole), checkpoint_arrays(parts)
+    for k in a:
+        if k.startswith(("model/", "optim/")):
+            numpy.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_continues_exactly(tmp_path, monkeypatch, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run(whole, "--epochs", 2) == 0
+    real_step, calls = VAE.train_step, []
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:
+            signal.raise_signal(signal.SIGINT)  # as a user's Ctrl-C, arriving in the middle of the update
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "train_step", step_then_ctrl_c)
+    assert run(parts, "--epochs", 2, "--checkpoint-every", 100) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 9" in err and "--resume" in err
+    assert meta(parts)["step"] == 9  # the update under way was finished, then saved
+    monkeypatch.setattr(VAE, "train_step", real_step)
+    assert run(parts, "--epochs", 2, "--resume") == 0
+    assert losses(parts) == losses(whole)
+    assert epoch_evals(parts) == epoch_evals(whole)
+
+
+def test_hard_interrupt_inside_an_update_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt raised inside an update (a second Ctrl-C) must not save a half-updated model."""
+    real_step, calls = VAE.train_step, []
+
+    def broken_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "train_step", broken_step)
+    out = tmp_path / "run"
+    assert run(out, "--epochs", 2, "--checkpoint-every", 4) == 130
+    assert "discarded" in capsys.readouterr().err
+    assert meta(out)["step"] == PER_EPOCH  # the end-of-epoch checkpoint, not a half-made step 7
+
+
+def test_resume_refuses_a_checkpoint_of_other_options(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--epochs", 1) == 0
+    before = (out / "checkpoint.npz").read_bytes()
+    assert run(out, "--epochs", 2, "--resume", "--latent-dim", 3, "--recon", "bce") == 2
+    err = capsys.readouterr().err
+    assert "latent_dim: 4 (checkpoint) vs 3 (now)" in err and "recon: 'sse' (checkpoint) vs 'bce' (now)" in err
+    assert "epochs" not in err.split("with these:")[1]  # epochs may change on resume
+    assert (out / "checkpoint.npz").read_bytes() == before
+    assert run(out, "--epochs", 2, "--resume") == 0  # more epochs: allowed
+    assert meta(out)["step"] == 2 * PER_EPOCH
+
+
+def test_resume_needs_a_checkpoint(tmp_path, capsys):
+    assert run(tmp_path / "nothing", "--resume") == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+# ---- failure without loss --------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_fb, calls, seen = VAE.forward_backward, [], {}
+    out = tmp_path / "run"
+
+    def nan_at_step_10(self, *args, **kwargs):
+        calls.append(1)
+        loss, recon, kl = real_fb(self, *args, **kwargs)
+        if len(calls) == 10:
+            seen["bytes"] = (out / "checkpoint.npz").read_bytes()  # the checkpoint as it was before the NaN
+            seen["mtime"] = (out / "checkpoint.npz").stat().st_mtime_ns
+            return loss * float("nan"), recon, kl
+        return loss, recon, kl
+
+    monkeypatch.setattr(VAE, "forward_backward", nan_at_step_10)
+    assert run(out, "--epochs", 3, "--checkpoint-every", 4) == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 10" in err and "step 8" in err and "--resume --lr" in err
+    assert "Traceback" not in err
+    assert (out / "checkpoint.npz").read_bytes() == seen["bytes"]
+    assert (out / "checkpoint.npz").stat().st_mtime_ns == seen["mtime"]
+    assert meta(out)["step"] == 8
+    assert len(rows(out / "log.csv")) == 9  # steps 1..9 were logged; step 10 never happened
+
+    # the advice works: resume from step 8 with a lower learning rate, the rows after 8 are replayed
+    monkeypatch.setattr(VAE, "forward_backward", real_fb)
+    assert run(out, "--epochs", 3, "--resume", "--lr", "1e-3") == 0
+    log = rows(out / "log.csv")
+    assert [int(r["step"]) for r in log] == list(range(1, 3 * PER_EPOCH + 1))
+    assert {float(r["lr"]) for r in log[8:]} == {1e-3} and float(log[7]["lr"]) == 3e-3
+
+
+def test_a_used_run_folder_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--epochs", 1) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run(out, "--epochs", 1) == 2
+    err = capsys.readouterr().err
+    assert "already holds files" in err and "--resume" in err and "--force" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_force_overwrites_only_the_runs_own_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "log.csv").write_text("stale")
+    assert run(out, "--epochs", 1, "--force") == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert len(rows(out / "log.csv")) == PER_EPOCH
+
+
+# ---- bad arguments -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, says", [
+    (["--batch-size", "-3"], "--batch-size: expected a positive integer, got -3"),
+    (["--batch-size", "many"], "--batch-size: expected a positive integer"),
+    (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
+    (["--data", "/no/such/celeba"], "data path /no/such/celeba does not exist"),
+    (["--image-size", "30"], "image-size 30 must be a multiple of 4"),
+    (["--lr", "0"], "--lr: expected a positive number"),
+    (["--recon", "l1"], "--recon: invalid choice"),
+    (["--resume", "--force"], "not allowed with argument"),
+    (["--epochs", "0"], "--epochs: expected a positive integer"),
+])
+def test_bad_arguments_give_one_clear_line(tmp_path, capsys, args, says):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(TINY + ["--out", str(tmp_path / "run"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_batch_larger_than_the_data_is_a_clear_error(tmp_path, capsys):
+    assert run(tmp_path / "run", "--batch-size", 64) == 2
+    assert "larger than the split" in capsys.readouterr().err
+
+
+def test_help_explains_every_option():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "celeba.py"), "--help"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0
+    for option in ["--data", "--epochs", "--batch-size", "--lr", "--latent-dim", "--beta", "--mc-samples",
+                   "--recon", "--objective", "--preset", "--device", "--seed", "--out", "--resume", "--max-steps",
+                   "--limit", "--plot-only", "--force", "--image-size"]:
+        assert option in result.stdout, option
+
+
+# ---- pieces ---------------------------------------------------------------------------------------------------
+
+def test_config_differences_name_only_what_matters():
+    a = train.TrainConfig(preset="tiny", image_size=16).resolved()
+    b = train.TrainConfig(preset="tiny", image_size=16, epochs=9, max_steps=3, lr=0.1, device="cpu").resolved()
+    assert train.config_differences(vars(a), vars(b)) == []
+    c = train.TrainConfig(preset="small", image_size=16, beta=4.0).resolved()
+    diff = train.config_differences(vars(a), vars(c))
+    assert [d.split(":")[0] for d in diff] == ["preset", "latent_dim", "beta"]
+
+
+def test_defaults_depend_on_the_data_source(tmp_path):
+    synthetic = train.TrainConfig().resolved()
+    celeba = train.TrainConfig(data=str(tmp_path)).resolved()
+    assert (synthetic.preset, synthetic.latent_dim) == ("small", 32)
+    assert (celeba.preset, celeba.latent_dim, celeba.data) == ("default", 128, str(tmp_path))
+    assert train.TrainConfig(preset="tiny", latent_dim=7).resolved().latent_dim == 7
+
+
+def test_smooth_is_a_trailing_running_mean():
+    from scratchvae.plots import smooth
+    numpy.testing.assert_allclose(smooth([1, 2, 3, 4], window=2), [1, 1.5, 2.5, 3.5])
+    assert len(smooth(numpy.arange(1000.0))) == 1000
