@@ -31,6 +31,7 @@ class Module:
         self.grads = {}     # name -> array of the same shape, filled by backward
         self.buffers = {}   # name -> array that is state but not trained (BatchNorm running stats)
         self.training = True
+        self._work = {}     # name -> (signature, array): scratch arrays reused from step to step
 
     # -- the protocol -------------------------------------------------------------------------
     def forward(self, x):
@@ -43,6 +44,33 @@ class Module:
 
     def __call__(self, x):
         return self.forward(x)
+
+    # -- work arrays -----------------------------------------------------------------------------
+    def work_array(self, name, shape, dtype, xp, zero=False, tag=None):
+        """A scratch array kept from call to call instead of being allocated anew every step.
+
+        Allocated (zero-filled if ``zero``) on first use and whenever ``shape``, ``dtype``, device or
+        ``tag`` change; otherwise handed back exactly as the last call left it. Only ever used for
+        arrays that stay inside the layer (padded inputs, gathered windows), never for outputs.
+        """
+        signature = (tuple(shape), xp.dtype(dtype), xp, tag)
+        entry = self._work.get(name)
+        if entry is None or entry[0] != signature:
+            entry = (signature, (xp.zeros if zero else xp.empty)(shape, dtype=dtype))
+            self._work[name] = entry
+        return entry[1]
+
+    def padded(self, name, x, top, bottom, left, right):
+        """NHWC ``x`` copied into the middle of a work array with zero borders of the given widths.
+
+        The borders are zeroed once, when the array is made; later calls with the same geometry
+        overwrite only the middle, so padding costs one copy of x and no fill.
+        """
+        n, h, w, c = x.shape
+        shape = (n, top + h + bottom, left + w + right, c)
+        out = self.work_array(name, shape, x.dtype, array_module(x), zero=True, tag=(top, left, h, w))
+        out[:, top:top + h, left:left + w, :] = x
+        return out
 
     # -- parameters -----------------------------------------------------------------------------
     def children(self):
@@ -157,52 +185,91 @@ class Linear(Module):
         return dy @ self.params["W"]
 
 
-# ---- convolution: im2col / col2im on strided views -------------------------------------------------
+# ---- convolution: gathers from strided views, then one matrix product --------------------------------
+#
+# Every convolution below is "gather, then multiply". A gather copies, for every output position, the
+# input numbers its kernel window covers into one row of a column matrix. In NHWC one row of a window,
+# kw neighbouring pixels, is kw*C consecutive numbers, so all the windows of an image are ONE strided view
+# of (a zero-bordered copy of) it, and the gather is ONE contiguous copy out of that view: no loop over
+# kernel offsets, no scatter-add (col2im) anywhere, and every work array is kept from step to step.
+#
+#   Conv2d forward            gather x with stride s (im2col), multiply by W
+#   ConvTranspose2d forward   gather x with stride 1 in sub-pixel windows, multiply, interleave the phases
+#   Conv2d backward to x      the transposed convolution of dy (the same code as ConvTranspose2d forward)
+#   ConvTranspose2d backward  the convolution of dy (the same gather as Conv2d forward); it also gives dW
+#
+# A stride-1 Conv2d with fewer outputs than inputs (the decoder's last layer, 32 -> 3 channels) multiplies
+# first and shifts afterwards, so that its work arrays hold kh*kw*C_out numbers per pixel, not kh*kw*C_in.
 
 def conv_output_size(size, k, stride, padding):
     """Output length of a convolution along one axis: floor((size + 2p - k) / s) + 1."""
     return (size + 2 * padding - k) // stride + 1
 
 
-def pad_hw(x, padding):
-    """Zero-pad the H and W axes of an NHWC array by ``padding`` on each side."""
-    if padding == 0:
-        return x
+def windows(xpad, top, left, oh, ow, kh, kw, stride):
+    """Every kernel window of an NHWC array as one strided view ``(N, OH, OW, kh, kw*C)``, without copying.
+
+    Output position (p, q) sees the kh x kw window whose top-left pixel is ``(top + s p, left + s q)``; row i
+    of that window is ``xpad[n, top + s p + i, left + s q : left + s q + kw, :]``, kw*C consecutive numbers.
+    Windows overlap (neighbours share pixels), so the view is read-only: copy it into a column matrix, whose
+    ``(N*OH*OW, kh*kw*C)`` reshape multiplies a ``(kh*kw*C, C_out)`` weight matrix to give the convolution.
+    """
+    n, hp, wp, c = xpad.shape
+    if top + stride * (oh - 1) + kh > hp or left + stride * (ow - 1) + kw > wp or not xpad.flags.c_contiguous:
+        raise ValueError(f"windows {kh}x{kw} at stride {stride} do not fit a padded array of shape {xpad.shape}")
+    sn, sh, sw, sc = xpad.strides
+    return backend.as_strided(xpad[:, top:, left:, :], (n, oh, ow, kh, kw * c), (sn, stride * sh, stride * sw, sh, sc))
+
+
+def subpixel_taps(k, s, p):
+    """Where each kernel tap of a transposed convolution lands, along one axis: ``[(i, a, d)]`` for i in 0..k-1.
+
+    Input pixel h sends ``x[h] W[i]`` to output ``s h + i - p``. Writing the output as ``o = s m + a``
+    (phase a in 0..s-1), that is ``h = m + d`` with ``i = a + p - s d``: within one phase the transposed
+    convolution is an ordinary stride-1 one, over the shifts d. Each tap has exactly one phase and one shift.
+    """
+    return [(i, (i - p) % s, ((i - p) % s + p - i) // s) for i in range(k)]
+
+
+def transposed_conv(module, x, w, stride, padding, out_hw, bias=None):
+    r"""The transposed convolution of NHWC ``x`` by ``w (C_in, C_out, kh, kw)``, cropped to ``out_hw``.
+
+    :math:`y[n, s h + i - p, s w' + j - p, o] \mathrel{+}= \sum_c x[n, h, w', c]\, W[c, o, i, j]`, computed in
+    sub-pixel form: split the output into its s*s phases ``(o mod s)`` along each axis; each phase is a
+    stride-1 convolution of x over a few shifts d (``subpixel_taps``). So gather the T x T window of shifts
+    around every input pixel, multiply once by W rearranged as ``(T*T*C_in, s*s*C_out)`` (a column block
+    per phase, zero where a phase lacks a tap), and interleave the phase images, adding the bias on the way.
+    For 3x3 kernels at stride 2, T = 2: the product does 16/9 of the minimum arithmetic, but in one
+    well-shaped matrix product and with no scatter-add. ``module`` lends its work arrays.
+    """
     xp = array_module(x)
-    n, h, w, c = x.shape
-    out = xp.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=x.dtype)
-    out[:, padding:padding + h, padding:padding + w, :] = x
-    return out
+    n, h, wd, cin = x.shape
+    cout, kh, kw = w.shape[1:]
+    oh, ow = out_hw
+    s = stride
+    taps_h, taps_w = subpixel_taps(kh, s, padding), subpixel_taps(kw, s, padding)
+    d0, e0 = min(d for _, _, d in taps_h), min(e for _, _, e in taps_w)
+    th, tw = max(d for _, _, d in taps_h) - d0 + 1, max(e for _, _, e in taps_w) - e0 + 1
+    mh, mw = -(-oh // s), -(-ow // s)  # output pixels per phase (rounded up; the excess is cropped below)
+    top, left = max(0, -d0), max(0, -e0)
+    xpad = module.padded("subpixel_x", x, top, max(0, d0 + mh + th - 1 - h), left, max(0, e0 + mw + tw - 1 - wd))
+    col = module.work_array("subpixel_col", (n, mh, mw, th, tw * cin), x.dtype, xp)
+    col[...] = windows(xpad, top + d0, left + e0, mh, mw, th, tw, 1)
 
+    wsub = xp.zeros((th, tw, cin, s, s, cout), dtype=w.dtype)
+    for i, a, d in taps_h:
+        for j, b, e in taps_w:
+            wsub[d - d0, e - e0, :, a, b, :] = w[:, :, i, j]
+    phases = col.reshape(n * mh * mw, -1) @ wsub.reshape(th * tw * cin, s * s * cout)
 
-def im2col(xpad, kh, kw, stride, oh, ow):
-    """Gather the patches of a padded NHWC array into columns ``(N, OH, OW, kh, kw, C)``.
-
-    One strided slice per kernel offset (i, j): the input pixels that offset meets at every output
-    position are ``xpad[:, i : i + s*OH : s, j : j + s*OW : s, :]``. Reshaped to ``(N*OH*OW, kh*kw*C)``
-    the result multiplies a ``(kh*kw*C, C_out)`` weight matrix to give the convolution.
-    """
-    xp = array_module(xpad)
-    n, c = xpad.shape[0], xpad.shape[3]
-    col = xp.empty((n, oh, ow, kh, kw, c), dtype=xpad.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            col[:, :, :, i, j, :] = xpad[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :]
-    return col
-
-
-def col2im(col, padded_shape, stride):
-    """Adjoint of ``im2col``: add columns ``(N, OH, OW, kh, kw, C)`` back onto a padded NHWC array.
-
-    Overlapping patches add up; each kernel offset is one strided slice-add, so no scatter-add is needed.
-    """
-    xp = array_module(col)
-    _, oh, ow, kh, kw, _ = col.shape
-    out = xp.zeros(padded_shape, dtype=col.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            out[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :] += col[:, :, :, i, j, :]
-    return out
+    # (N, MH, MW, a, b, C) -> (N, MH, a, MW, b, C), i.e. output pixel (s m + a, s m' + b): one copy
+    y = xp.empty((n, mh, s, mw, s, cout), dtype=phases.dtype)
+    interleaved = phases.reshape(n, mh, mw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
+    if bias is None:
+        y[...] = interleaved
+    else:
+        xp.add(interleaved, bias, out=y)
+    return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
 
 
 def _pair(v):
@@ -214,7 +281,13 @@ class Conv2d(Module):
 
     :math:`y[n, p, q, o] = b_o + \sum_{i, j, c} W[o, c, i, j]\, x_{pad}[n, s p + i, s q + j, c]`.
     x ``(N, H, W, C_in)`` -> y ``(N, OH, OW, C_out)``, OH = floor((H + 2 pad - kh) / s) + 1.
-    Computed as im2col followed by one matrix product. Initialised like PyTorch (fan_in = C_in*kh*kw).
+    Computed as im2col (``windows``) followed by one matrix product; the gradient to x is the transposed
+    convolution of dy (``transposed_conv``). Initialised like PyTorch (fan_in = C_in*kh*kw).
+
+    At stride 1 with fewer output than input channels, the product comes first: every input pixel is
+    multiplied by all kh*kw taps at once (``(kh*kw*C_out, C_in) @ x^T``), and each output plane adds up the
+    tap planes shifted by (i - pad, j - pad). That keeps kh*kw*C_out numbers per pixel instead of kh*kw*C_in
+    (27 instead of 288 for the 32 -> 3 layer that ends the decoder), and the shifts move whole image rows.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
@@ -228,6 +301,7 @@ class Conv2d(Module):
         self._add_param("W", _uniform(rng, (out_channels, in_channels, self.kh, self.kw), bound, dtype))
         if bias:
             self._add_param("b", _uniform(rng, (out_channels,), bound, dtype))
+        self.multiply_first = stride == 1 and out_channels < in_channels
 
     def _wmat(self):
         # (out, in, kh, kw) -> (kh*kw*in, out): rows ordered like the columns of im2col
@@ -239,28 +313,82 @@ class Conv2d(Module):
             raise ValueError(f"Conv2d expects {self.in_channels} input channels (NHWC), got shape {x.shape}")
         oh = conv_output_size(h, self.kh, self.stride, self.padding)
         ow = conv_output_size(w, self.kw, self.stride, self.padding)
-        xpad = pad_hw(x, self.padding)
-        col = im2col(xpad, self.kh, self.kw, self.stride, oh, ow).reshape(n * oh * ow, -1)
-        y = col @ self._wmat()
+        self.x_shape, self.out_hw = x.shape, (oh, ow)
+        if self.multiply_first:
+            return self._forward_multiply_first(x)
+        p = self.padding
+        xpad = self.padded("x", x, p, p, p, p)
+        col = self.work_array("col", (n, oh, ow, self.kh, self.kw * c), x.dtype, array_module(x))
+        col[...] = windows(xpad, 0, 0, oh, ow, self.kh, self.kw, self.stride)
+        self.col = col.reshape(n * oh * ow, -1)
+        y = self.col @ self._wmat()
         if "b" in self.params:
             y += self.params["b"]
-        self.col, self.padded_shape = col, xpad.shape
-        self.x_shape, self.out_hw = x.shape, (oh, ow)
         return y.reshape(n, oh, ow, self.out_channels)
 
     def backward(self, dy):
+        if self.multiply_first:
+            return self._backward_multiply_first(dy)
         n, h, w, c = self.x_shape
-        oh, ow = self.out_hw
         dy2 = dy.reshape(-1, self.out_channels)
         # dW = col^T dy, reshaped back to PyTorch's (out, in, kh, kw)
         dw = (self.col.T @ dy2).reshape(self.kh, self.kw, c, self.out_channels)
         self.grads["W"] += dw.transpose(3, 2, 0, 1)
         if "b" in self.params:
             self.grads["b"] += dy2.sum(axis=0)
-        dcol = (dy2 @ self._wmat().T).reshape(n, oh, ow, self.kh, self.kw, c)
-        dxpad = col2im(dcol, self.padded_shape, self.stride)
-        p = self.padding
-        return dxpad[:, p:p + h, p:p + w, :]
+        # dx: every output pixel sends dy W back over its window, i.e. the transposed convolution of dy
+        # (Conv2d's W (out, in, kh, kw) is read as a transposed convolution's (in, out, kh, kw))
+        return transposed_conv(self, dy, self.params["W"], self.stride, self.padding, (h, w))
+
+    # -- stride 1, few output channels: multiply, then shift ---------------------------------------------
+    def _shifts(self):
+        """For each tap (i, j): the output rows/columns it reaches and the input rows/columns it reads there.
+
+        Output (p, q) reads input (p + i - pad, q + j - pad); only pairs where both lie inside their image count.
+        """
+        (_, h, w, _), (oh, ow), pad = self.x_shape, self.out_hw, self.padding
+        for i in range(self.kh):
+            for j in range(self.kw):
+                p0, p1 = max(0, pad - i), min(oh, h + pad - i)
+                q0, q1 = max(0, pad - j), min(ow, w + pad - j)
+                if p0 < p1 and q0 < q1:
+                    yield (i, j, (slice(p0, p1), slice(q0, q1)),
+                           (slice(p0 + i - pad, p1 + i - pad), slice(q0 + j - pad, q1 + j - pad)))
+
+    def _taps_by_input(self):
+        # (out, in, kh, kw) -> (kh*kw*out, in): one row per tap and output channel
+        return self.params["W"].transpose(2, 3, 0, 1).reshape(-1, self.in_channels)
+
+    def _forward_multiply_first(self, x):
+        xp = array_module(x)
+        n, h, w, c = x.shape
+        (oh, ow), cout = self.out_hw, self.out_channels
+        self.x2 = x.reshape(-1, c)
+        # z[i, j, o] is the plane (N, H, W) of every input pixel times tap (i, j) for output channel o
+        z = self.work_array("z", (self.kh * self.kw * cout, n * h * w), x.dtype, xp)
+        xp.matmul(self._taps_by_input(), self.x2.T, out=z)
+        z = z.reshape(self.kh, self.kw, cout, n, h, w)
+        y = xp.empty((cout, n, oh, ow), dtype=z.dtype)  # channel planes: each shift moves whole rows
+        y[...] = self.params["b"][:, None, None, None] if "b" in self.params else 0
+        for i, j, (rows, cols), (in_rows, in_cols) in self._shifts():
+            y[:, :, rows, cols] += z[i, j][:, :, in_rows, in_cols]
+        return y.transpose(1, 2, 3, 0)  # NHWC, held as channel planes
+
+    def _backward_multiply_first(self, dy):
+        xp = array_module(dy)
+        n, h, w, c = self.x_shape
+        cout = self.out_channels
+        dy_planes = xp.ascontiguousarray(dy.transpose(3, 0, 1, 2))  # no copy when dy came back as planes
+        # dz[i, j, o] = dy[o] shifted back to the input pixels tap (i, j) read; zero where it read padding.
+        # The same pixels are written every call, so the zeros of the first call stay.
+        dz = self.work_array("dz", (self.kh, self.kw, cout, n, h, w), dy.dtype, xp, zero=True)
+        for i, j, (rows, cols), (in_rows, in_cols) in self._shifts():
+            dz[i, j][:, :, in_rows, in_cols] = dy_planes[:, :, rows, cols]
+        dz = dz.reshape(-1, n * h * w)
+        self.grads["W"] += (dz @ self.x2).reshape(self.kh, self.kw, cout, c).transpose(2, 3, 0, 1)
+        if "b" in self.params:
+            self.grads["b"] += dy_planes.sum(axis=(1, 2, 3))
+        return (dz.T @ self._taps_by_input()).reshape(n, h, w, c)
 
 
 class ConvTranspose2d(Module):
@@ -269,6 +397,8 @@ class ConvTranspose2d(Module):
     Every input pixel scatters ``x[n, h, w, :] @ W[:, :, i, j]`` onto output pixel ``(s h + i - pad, s w + j - pad)``.
     x ``(N, H, W, C_in)`` -> y ``(N, OH, OW, C_out)``, OH = (H - 1) s - 2 pad + kh + output_padding.
     W has PyTorch's layout ``(C_in, C_out, kh, kw)``; initialised like PyTorch (fan_in = C_out*kh*kw).
+    Forward is ``transposed_conv`` (sub-pixel phases, no scatter); backward is a Conv2d-style gather of dy,
+    whose columns give both dW and dx.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
@@ -297,25 +427,105 @@ class ConvTranspose2d(Module):
         s, p = self.stride, self.padding
         oh = (h - 1) * s - 2 * p + self.kh + self.output_padding
         ow = (w - 1) * s - 2 * p + self.kw + self.output_padding
-        x2 = x.reshape(-1, c)
-        col = (x2 @ self._wmat()).reshape(n, h, w, self.kh, self.kw, self.out_channels)
-        ypad = col2im(col, (n, oh + 2 * p, ow + 2 * p, self.out_channels), s)
-        y = ypad[:, p:p + oh, p:p + ow, :]
-        if "b" in self.params:
-            y = y + self.params["b"]
-        self.x2, self.in_hw = x2, (h, w)
-        return y
+        self.x2, self.in_hw = x.reshape(-1, c), (h, w)
+        return transposed_conv(self, x, self.params["W"], s, p, (oh, ow), self.params.get("b"))
 
     def backward(self, dy):
-        n, oh, ow, _ = dy.shape
-        h, w = self.in_hw
-        dypad = pad_hw(dy, self.padding)
-        dcol = im2col(dypad, self.kh, self.kw, self.stride, h, w).reshape(n * h * w, -1)
-        dw = self.x2.T @ dcol  # (in, kh*kw*out)
-        self.grads["W"] += dw.reshape(self.in_channels, self.kh, self.kw, self.out_channels).transpose(0, 3, 1, 2)
+        xp = array_module(dy)
+        n, _, _, cout = dy.shape
+        (h, w), p = self.in_hw, self.padding
+        # the windows of dy that every input pixel scattered onto: im2col of dy with stride s
+        dypad = self.padded("dy", dy, p, p, p, p)
+        dcol = self.work_array("dcol", (n, h, w, self.kh, self.kw * cout), dy.dtype, xp)
+        dcol[...] = windows(dypad, 0, 0, h, w, self.kh, self.kw, self.stride)
+        dcol = dcol.reshape(n * h * w, -1)
+        dw = dcol.T @ self.x2  # (kh*kw*out, in): the orientation OpenBLAS threads well
+        self.grads["W"] += dw.reshape(self.kh, self.kw, cout, self.in_channels).transpose(3, 2, 0, 1)
         if "b" in self.params:
-            self.grads["b"] += dy.reshape(-1, self.out_channels).sum(axis=0)
+            self.grads["b"] += dy.sum(axis=(0, 1, 2))
         return (dcol @ self._wmat().T).reshape(n, h, w, self.in_channels)
+
+
+# ---- elementwise work, a cache-sized block at a time --------------------------------------------------------
+#
+# NumPy runs each operation of an expression over the whole array before starting the next, so an
+# expression of k operations on a 33 MB activation makes k trips through main memory. Evaluated on blocks
+# of rows that fit in a core's cache, the intermediate results never leave the cache: memory sees every
+# input once and the output once. Blocks are viewed as rows of k*C numbers (k pixels side by side, the
+# per-channel vectors tiled k times), so that every NumPy inner loop runs over a thousand numbers, not C.
+# On the GPU the same expression becomes one fused kernel (``backend.fused``).
+
+BLOCK_NUMBERS = 1 << 15  # numbers per block and array: a few such arrays fit in a core's L2 cache
+
+
+def _wide_rows(arrays, params):
+    """``arrays`` (all of shape (..., C)) as (rows, k*C) views and ``params`` with per-channel vectors tiled k times."""
+    xp = array_module(*arrays)
+    c = arrays[0].shape[-1]
+    pixels = arrays[0].size // c
+    k = 1
+    while k * c < 1024 and pixels % (2 * k) == 0:
+        k *= 2
+    wide = [a.reshape(pixels // k, k * c) for a in arrays]
+    return wide, [xp.tile(p, k) if getattr(p, "ndim", 0) else p for p in params], k
+
+
+def per_pixel(fn, arrays, params=()):
+    """``fn(*arrays, *params)``, an elementwise expression, evaluated in cache-sized blocks; a new array.
+
+    ``arrays`` share one shape (..., C); ``params`` are scalars or per-channel vectors of shape (C,).
+    """
+    if backend.is_device_array(arrays[0]):
+        return backend.fused(fn)(*arrays, *params)
+    xp = array_module(*arrays)
+    wide, params, _ = _wide_rows(arrays, params)
+    step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
+    out = None
+    for start in range(0, wide[0].shape[0], step):
+        block = fn(*(a[start:start + step] for a in wide), *params)
+        if out is None:
+            out = xp.empty(wide[0].shape, dtype=block.dtype)
+        out[start:start + step] = block
+    return out.reshape(arrays[0].shape)
+
+
+def channel_sums(fn, arrays, params=()):
+    """Per-channel sums of ``fn(*arrays, *params)`` over every axis but the last, in cache-sized blocks: shape (C,).
+
+    Block sums are accumulated in float64, so a sum over millions of float32 numbers stays accurate.
+    """
+    first = arrays[0]
+    if backend.is_device_array(first):
+        values = first if fn is _identity else backend.fused(fn)(*arrays, *params)
+        return values.sum(axis=tuple(range(first.ndim - 1)))
+    xp = array_module(*arrays)
+    wide, params, k = _wide_rows(arrays, params)
+    step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
+    total = xp.zeros(wide[0].shape[1], dtype=xp.float64)
+    for start in range(0, wide[0].shape[0], step):
+        total += fn(*(a[start:start + step] for a in wide), *params).sum(axis=0)
+    return total.reshape(k, -1).sum(axis=0).astype(first.dtype)
+
+
+def _identity(x):
+    return x
+
+
+def _squared_deviation(x, mean):
+    d = x - mean
+    return d * d
+
+
+def _deviation_times(dy, x, mean):
+    return dy * (x - mean)
+
+
+def _affine(x, scale, shift):
+    return x * scale + shift
+
+
+def _batchnorm_input_grad(dy, x, scale, mean, k, c):
+    return dy * scale + (x - mean) * k + c
 
 
 class BatchNorm2d(Module):
@@ -325,6 +535,10 @@ class BatchNorm2d(Module):
     with the batch mean and (biased) variance, and running estimates updated with ``momentum``
     (the running variance uses the unbiased batch variance, as PyTorch does). Eval mode uses the
     running estimates, so y is an affine function of x.
+
+    Computed in few passes over memory: one for the mean, one for the variance (of x - mean, so no
+    cancellation), one for y = x * (gamma / sigma) + (beta - mean * gamma / sigma). Backward: one pass for
+    the two sums it needs and one for dx. x itself is kept for backward, not a normalised copy.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=None):
@@ -338,47 +552,63 @@ class BatchNorm2d(Module):
         self.buffers["running_var"] = xp.ones(num_features, dtype=dtype)
 
     def forward(self, x):
-        axes = tuple(range(x.ndim - 1))
+        m = x.size // x.shape[-1]
         if self.training:
-            mean = x.mean(axis=axes)
-            var = x.var(axis=axes)
-            m = x.size // x.shape[-1]
+            mean = channel_sums(_identity, [x]) / m
+            var = channel_sums(_squared_deviation, [x], [mean]) / m
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             rm += self.momentum * (mean - rm)
             rv += self.momentum * (var * (m / max(m - 1, 1)) - rv)
         else:
             mean, var = self.buffers["running_mean"], self.buffers["running_var"]
         inv_std = 1.0 / array_module(x).sqrt(var + self.eps)
-        xhat = (x - mean) * inv_std
-        self.xhat, self.inv_std = xhat, inv_std
-        return xhat * self.params["gamma"] + self.params["beta"]
+        scale = self.params["gamma"] * inv_std
+        self.x, self.mean, self.inv_std = x, mean, inv_std
+        return per_pixel(_affine, [x], [scale, self.params["beta"] - mean * scale])
 
     def backward(self, dy):
-        axes = tuple(range(dy.ndim - 1))
-        xhat, gamma = self.xhat, self.params["gamma"]
-        self.grads["gamma"] += (dy * xhat).sum(axis=axes)
-        self.grads["beta"] += dy.sum(axis=axes)
+        x, mean, inv_std = self.x, self.mean, self.inv_std
+        m = x.size // x.shape[-1]
+        sum_dy = channel_sums(_identity, [dy])
+        sum_dy_xhat = channel_sums(_deviation_times, [dy, x], [mean]) * inv_std
+        self.grads["gamma"] += sum_dy_xhat
+        self.grads["beta"] += sum_dy
+        scale = self.params["gamma"] * inv_std
         if not self.training:
-            return dy * (gamma * self.inv_std)
-        # Through mean and variance: dx = gamma/sigma * (dy - mean(dy) - xhat * mean(dy * xhat))
-        return (gamma * self.inv_std) * (dy - dy.mean(axis=axes) - xhat * (dy * xhat).mean(axis=axes))
+            return per_pixel(_affine, [dy], [scale, 0.0])
+        # Through mean and variance: dx = gamma/sigma * (dy - mean(dy) - xhat * mean(dy * xhat)),
+        # with xhat = (x - mean) / sigma: dy * scale + (x - mean) * k + c, per channel
+        k = -scale * inv_std * sum_dy_xhat / m
+        return per_pixel(_batchnorm_input_grad, [dy, x], [scale, mean, k, -scale * sum_dy / m])
 
 
 # ---- elementwise -----------------------------------------------------------------------------------
 
+def _leaky_relu(x, slope):
+    return array_module(x).maximum(x, x * slope)
+
+
+def _leaky_relu_grad(dy, x, slope):
+    # the slope of max(x, slope x) is 1 where x > 0 and slope elsewhere: max(sign(x), slope)
+    xp = array_module(dy)
+    return dy * xp.maximum(xp.sign(x), slope)
+
+
 class LeakyReLU(Module):
-    """y = x for x > 0, slope * x otherwise (PyTorch's default slope 0.01)."""
+    """y = x for x > 0, slope * x otherwise (PyTorch's default slope 0.01); for 0 <= slope <= 1 that is max(x, slope x)."""
 
     def __init__(self, slope=0.01):
         super().__init__()
+        if not 0 <= slope <= 1:
+            raise ValueError(f"LeakyReLU's slope must lie in [0, 1], got {slope}")
         self.slope = slope
 
     def forward(self, x):
-        self.positive = x > 0
-        return array_module(x).where(self.positive, x, x * self.slope)
+        self.x = x
+        return per_pixel(_leaky_relu, [x], [self.slope])
 
     def backward(self, dy):
-        return array_module(dy).where(self.positive, dy, dy * self.slope)
+        return per_pixel(_leaky_relu_grad, [dy, self.x], [self.slope])
 
 
 class ReLU(LeakyReLU):
@@ -388,18 +618,25 @@ class ReLU(LeakyReLU):
         super().__init__(slope=0.0)
 
 
+def _sigmoid(x):
+    # 1 / (1 + exp(-x)) for x >= 0 and exp(x) / (1 + exp(x)) below, in one expression: neither exp overflows
+    xp = array_module(x)
+    return xp.exp(xp.minimum(x, 0)) / (1 + xp.exp(-xp.abs(x)))
+
+
+def _sigmoid_grad(dy, y):
+    return dy * y * (1 - y)
+
+
 class Sigmoid(Module):
     """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y)."""
 
     def forward(self, x):
-        xp = array_module(x)
-        # exp of a non-positive number never overflows: use the form that fits the sign of x
-        e = xp.exp(-xp.abs(x))
-        self.y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        self.y = per_pixel(_sigmoid, [x])
         return self.y
 
     def backward(self, dy):
-        return dy * self.y * (1 - self.y)
+        return per_pixel(_sigmoid_grad, [dy, self.y])
 
 
 class Tanh(Module):
