@@ -63,7 +63,7 @@ def build_parser():
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="PATH", help="CelebA: folder of img_align_celeba JPEGs, img_align_celeba.zip, "
                    "or torchvision's root (default: the built-in synthetic faces)")
-    d.add_argument("--image-size", type=positive_int, default=64, help="side of the square images in pixels (default 64)")
+    d.add_argument("--image-size", type=positive_int, default=64, metavar="N", help="side of the square images in pixels (default 64)")
     d.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N images (quick runs)")
     d.add_argument("--workers", type=positive_int, metavar="N", help="processes decoding CelebA into the cache on "
                    "the first run (default: one per core)")
@@ -76,17 +76,17 @@ def build_parser():
                    "derivation's, sigma^2 = 1/2), gaussian (with --recon-variance), bce (Bernoulli)")
     m.add_argument("--recon-variance", type=positive_float, default=0.5, metavar="S2",
                    help="decoder variance for --recon gaussian (default 0.5)")
-    m.add_argument("--beta", type=nonnegative_float, default=1.0, help="weight of the KL term (1: VAE, >1: beta-VAE)")
+    m.add_argument("--beta", type=nonnegative_float, default=1.0, metavar="B", help="weight of the KL term (1: VAE, >1: beta-VAE)")
     m.add_argument("--mc-samples", type=positive_int, default=1, metavar="M", help="latent samples per image per step")
     m.add_argument("--objective", choices=("elbo", "prior-mc"), default="elbo",
                    help="elbo (the VAE) or prior-mc (the encoder-free baseline the derivation starts from)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=positive_int, help=f"passes over the training images (default: {syn[1]} on the "
+    t.add_argument("--epochs", type=positive_int, metavar="N", help=f"passes over the training images (default: {syn[1]} on the "
                    f"built-in faces, {cel[1]} with --data)")
-    t.add_argument("--batch-size", type=positive_int, help=f"images per step (default: {syn[2]} built-in, {cel[2]} CelebA)")
+    t.add_argument("--batch-size", type=positive_int, metavar="N", help=f"images per step (default: {syn[2]} built-in, {cel[2]} CelebA)")
     t.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
     t.add_argument("--max-steps", type=positive_int, metavar="N", help="stop after N updates in all, even mid-epoch")
-    t.add_argument("--seed", type=int, default=0, help="seed of the weights, the noise and the batch order (default 0)")
+    t.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the weights, the noise and the batch order (default 0)")
     t.add_argument("--device", choices=backend.DEVICES, default="auto",
                    help="cpu (NumPy), gpu (CuPy) or auto (the GPU when CuPy sees one)")
     t.add_argument("--eval-images", type=positive_int, metavar="N",

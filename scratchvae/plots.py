@@ -49,15 +49,16 @@ def _columns(rows, *names):
     return [np.array([float(r[n]) for r in rows]) for n in names]
 
 
-def plot_curve(path, steps, values, eval_steps, eval_values, title, ylabel, label="per step (training batch)"):
-    """One loss term per step, raw and smoothed, with held-out values as points; log scale when all positive."""
+def plot_curve(path, steps, values, eval_steps, eval_values, title, ylabel, log_scale=True,
+               label="per step (training batch)"):
+    """One loss term per step, raw and smoothed, with held-out values as points (log scale if asked and all > 0)."""
     fig = Figure(figsize=(7, 4), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label=label)
     ax.plot(steps, smooth(values), color="tab:blue", linewidth=1.8, label="smoothed (running mean)")
     if len(eval_steps):
         ax.plot(eval_steps, eval_values, "o-", color="tab:orange", markersize=4, label="held-out (validation)")
-    if len(values) and min(np.min(values), np.min(eval_values, initial=np.inf)) > 0:
+    if log_scale and len(values) and min(np.min(values), np.min(eval_values, initial=np.inf)) > 0:
         ax.set_yscale("log")
     ax.set_xlabel("step (update)")
     ax.set_ylabel(ylabel)
@@ -106,7 +107,7 @@ def _host(a):
     return backend.to_host(a)
 
 
-def plot_reconstructions(model, x, path, ncol=8):
+def plot_reconstructions(model, x, path, ncol=8, scale=2):
     """Held-out images (rows 1, 3, ...) above their reconstructions from the posterior means (rows 2, 4, ...)."""
     recon = _host(model.reconstruct(x))
     x = _host(x)
@@ -116,16 +117,16 @@ def plot_reconstructions(model, x, path, ncol=8):
     h = x.shape[2]
     labels = ["original", "reconstruction"] * (len(rows) // 2)
     return _show_grid(path, image_grid(np.concatenate(rows), ncol), "held-out images and their reconstructions",
-                      ylabels=labels, cell=(h, h))
+                      scale, ylabels=labels, cell=(h, h))
 
 
-def plot_samples(model, path, n=64, seed=0):
+def plot_samples(model, path, n=64, seed=0, scale=2):
     """Decodes of ``n`` latents z ~ N(0, I): what the model generates."""
     images = _host(model.sample(n, rng=backend.rng((seed, SAMPLE_STREAM))))
-    return _show_grid(path, image_grid(images, int(math.sqrt(n))), "samples: decoder(z), z ~ N(0, I)")
+    return _show_grid(path, image_grid(images, int(math.sqrt(n))), "samples: decoder(z), z ~ N(0, I)", scale)
 
 
-def plot_interpolation(model, x, path, steps=8, pairs=4):
+def plot_interpolation(model, x, path, steps=8, pairs=4, scale=2):
     """Rows of decodes along the line between two held-out images' posterior means, originals at the ends."""
     model.eval()  # BatchNorm with its running statistics, as at test time
     pairs = min(pairs, len(x) // 2)
@@ -139,10 +140,10 @@ def plot_interpolation(model, x, path, steps=8, pairs=4):
         decoded = _host(model.output_to_image(model.decode(z)))
         rows += [_host(x[a:a + 1]), decoded, _host(x[b:b + 1])]
     return _show_grid(path, image_grid(np.concatenate(rows), steps + 2),
-                      "interpolation: original | decodes of (1-t) mu_a + t mu_b, t = 0..1 | original")
+                      "interpolation: original | decodes of (1-t) mu_a + t mu_b, t = 0..1 | original", scale)
 
 
-def plot_traversal(model, x, path, dims=8, steps=9, span=3.0):
+def plot_traversal(model, x, path, dims=8, steps=9, span=3.0, scale=2):
     """For the ``dims`` latent dimensions with the largest mean KL, vary that one from -span to +span, others fixed.
 
     The KL per dimension tells which dimensions the encoder uses: one with KL ~ 0 has collapsed to the
@@ -162,18 +163,25 @@ def plot_traversal(model, x, path, dims=8, steps=9, span=3.0):
     labels = [f"z[{j}]  KL {kl_dim[j]:.2f}" for j in order]
     h = x.shape[2]
     return _show_grid(path, image_grid(np.concatenate(rows), steps),
-                      f"traversal: z[j] from {-span:g} to {span:g}, dimensions by KL", ylabels=labels, cell=(h, h))
+                      f"traversal: z[j] from {-span:g} to {span:g}, dimensions by KL", scale, ylabels=labels,
+                      cell=(h, h))
 
 
-def plot_run(out_dir) -> list:
-    """Draw every figure of the run in ``out_dir`` from its log, evaluation log and checkpoint; returns the paths."""
+def plot_run(run_dir, dest=None, scale=2, colors=None) -> list:
+    """Draw every figure of the run in ``run_dir`` from its log, evaluation log and checkpoint; returns the paths.
+
+    The figures go to ``dest`` (default: the run folder), image grids at ``scale`` screen pixels per image
+    pixel; ``colors`` reduces each PNG to that many colours (smaller files, e.g. for documentation).
+    """
     from .data import as_batch  # noqa: PLC0415
 
-    out = Path(out_dir)
-    if not (out / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"{out / CHECKPOINT} not found: {out} holds no finished or interrupted run")
-    ckpt = load_checkpoint(out / CHECKPOINT)
-    rows, evals = read_csv(out / LOG), read_csv(out / EVAL)
+    run = Path(run_dir)
+    if not (run / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{run / CHECKPOINT} not found: {run} holds no finished or interrupted run")
+    out = Path(dest) if dest is not None else run
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(run / CHECKPOINT)
+    rows, evals = read_csv(run / LOG), read_csv(run / EVAL)
     recon_name = ckpt["config"]["recon"]
     paths = []
     steps, recon, kl = _columns(rows, "step", "recon", "kl")
@@ -181,16 +189,28 @@ def plot_run(out_dir) -> list:
     paths.append(plot_curve(out / "vae_mse.png", steps, recon, esteps, erecon, "reconstruction term",
                             RECON_LABELS.get(recon_name, recon_name)))
     paths.append(plot_curve(out / "vae_kld.png", steps, kl, esteps, ekl,
-                            "KL(q(z|x) || p(z)) per image", "nats"))
+                            "KL(q(z|x) || p(z)) per image", "nats", log_scale=False))
 
     model = VAE.from_config(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     model.eval()
     x = as_batch(ckpt["arrays"]["heldout/images"])
     seed = int(ckpt["meta"]["seed"])
-    paths.append(plot_reconstructions(model, x[:16], out / "vae_recons.png"))
-    paths.append(plot_samples(model, out / "samples.png", seed=seed))
+    paths.append(plot_reconstructions(model, x[:16], out / "vae_recons.png", scale=scale))
+    paths.append(plot_samples(model, out / "samples.png", seed=seed, scale=scale))
     # interpolate between faces not shown in the reconstructions when there are enough
-    paths.append(plot_interpolation(model, x[16:] if len(x) >= 24 else x, out / "interpolation.png"))
-    paths.append(plot_traversal(model, x, out / "traversal.png"))
+    paths.append(plot_interpolation(model, x[16:] if len(x) >= 24 else x, out / "interpolation.png", scale=scale))
+    paths.append(plot_traversal(model, x, out / "traversal.png", scale=scale))
+    if colors:
+        for path in paths:
+            _reduce_colors(path, colors)
     return paths
+
+
+def _reduce_colors(path, colors):
+    """Rewrite a PNG with a palette of ``colors`` colours (no dithering, which would only add noise to compress)."""
+    from PIL import Image  # noqa: PLC0415
+
+    with Image.open(path) as img:
+        reduced = img.convert("RGB").quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    reduced.save(path, optimize=True)

@@ -51,11 +51,11 @@ CHECKPOINT_FORMAT = 1
 HELDOUT_IMAGES = 32  # validation images kept in the checkpoint for the figures (so plotting needs no data)
 
 # The built-in data set, sized so the no-argument run takes a few minutes on two CPU cores.
-SYNTHETIC_TRAIN = 3000
+SYNTHETIC_TRAIN = 4000
 SYNTHETIC_VALID = 500
 SYNTHETIC_SEED = 0  # the built-in faces are one fixed data set; --seed changes the model, noise and order
 DEFAULTS = {  # per data source: (preset, epochs, batch size)
-    "synthetic": ("small", 4, 32),
+    "synthetic": ("small", 5, 32),
     "celeba": ("default", 10, 64),
 }
 

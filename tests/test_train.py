@@ -141,6 +141,17 @@ def test_plot_only_redraws_a_finished_run(finished_run, capsys):
     assert all((finished_run / name).is_file() for name in train.FIGURES)
 
 
+def test_figures_can_go_elsewhere_with_fewer_colours(finished_run, tmp_path):
+    from scratchvae.plots import plot_run
+    before = {p.name: p.stat().st_mtime_ns for p in finished_run.iterdir()}
+    paths = plot_run(finished_run, dest=tmp_path / "docs", scale=1, colors=64)
+    assert sorted(p.name for p in paths) == sorted(train.FIGURES)
+    for p in paths:
+        with Image.open(p) as img:
+            assert img.mode == "P" and len(img.getcolors(256)) <= 64
+    assert {p.name: p.stat().st_mtime_ns for p in finished_run.iterdir()} == before  # the run is untouched
+
+
 def test_plot_only_without_a_run_says_so(tmp_path, capsys):
     assert cli.main(["--plot-only", "--out", str(tmp_path)]) == 2
     assert "checkpoint.npz not found" in capsys.readouterr().err
@@ -332,3 +343,18 @@ def test_smooth_is_a_trailing_running_mean():
     from scratchvae.plots import smooth
     numpy.testing.assert_allclose(smooth([1, 2, 3, 4], window=2), [1, 1.5, 2.5, 3.5])
     assert len(smooth(numpy.arange(1000.0))) == 1000
+
+
+def test_the_loop_and_the_figures_keep_arrays_on_the_device(tmp_path, monkeypatch):
+    """Under the stand-in for CuPy (device arrays that refuse to mix with host arrays), as on a GPU."""
+    from strict_device import use_strict_device
+
+    from scratchvae.plots import plot_run
+    with use_strict_device() as strict:
+        monkeypatch.setattr(backend, "set_device", lambda device: strict)  # keep the stand-in as the device
+        summary = train.train(train.TrainConfig(out=str(tmp_path / "run"), preset="tiny", image_size=16, limit=32,
+                                                batch_size=8, epochs=1, progress=False))
+        plot_run(tmp_path / "run")
+    assert summary["device"] == "gpu"  # it did run on the stand-in
+    assert summary["steps"] == 4 and numpy.isfinite(summary["final_eval"]["neg_elbo_nats"])
+    assert all((tmp_path / "run" / name).is_file() for name in train.FIGURES)
