@@ -403,7 +403,9 @@ def train(config: TrainConfig) -> dict:
     evals = CsvLog(out / EVAL, EVAL_FIELDS, eval_rows)
     last_eval = {k: float(v) for k, v in eval_rows[-1].items()} if eval_rows else None
     _say(f"model: preset {cfg.preset}, latent {cfg.latent_dim}, {model.num_parameters():,} parameters, "
-              f"{backend.device_name()}; {per_epoch} batches of {cfg.batch_size} per epoch, {total} steps")
+         f"{backend.device_name()}; {per_epoch} batches of {cfg.batch_size} per epoch, {total} steps")
+    if step >= total:
+        _say(f"nothing to train: the run is at step {step}, and these options stop at step {total}")
 
     def checkpoint(at_step):
         epoch, batch = divmod(at_step, per_epoch)
@@ -422,13 +424,13 @@ def train(config: TrainConfig) -> dict:
         row = {"step": at_step, "epoch": round(at_step / per_epoch, 4), **metrics}
         evals.write(row)
         _say(f"step {at_step} (epoch {row['epoch']:g}) held-out: -ELBO {metrics['neg_elbo_nats']:.2f} nats/image "
-                  f"= {metrics['bits_per_dim']:.4f} bits/dim, recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}, "
-                  f"MSE {metrics['mse']:.5f}")
+             f"= {metrics['bits_per_dim']:.4f} bits/dim, recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}, "
+             f"MSE {metrics['mse']:.5f}")
         return row
 
     loop_start = time.perf_counter()
     saved = checkpoint(step) if stored is None else step  # a step-0 checkpoint: a NaN at once still leaves one
-    updating = False
+    updating, bar = False, None
     try:
         with _DeferredInterrupt() as interrupt:
             while step < total:
@@ -468,6 +470,8 @@ def train(config: TrainConfig) -> dict:
                         break
                     tick = time.perf_counter()  # evaluations and checkpoints do not count against images/s
                 bar.close()
+            if last_eval is None or int(last_eval["step"]) != step:  # a finished run resumed, its eval.csv lost
+                last_eval = evaluate(step)
     except KeyboardInterrupt:
         if not updating and saved != step:
             saved = checkpoint(step)
@@ -475,11 +479,11 @@ def train(config: TrainConfig) -> dict:
         raise Interrupted(f"interrupted at step {step}{where}; checkpoint of step {saved} in {ckpt_path}. "
                           f"Continue with the same options plus --resume", step) from None
     finally:
+        if bar is not None:
+            bar.close()  # before the caller prints why training stopped
         log.close()
         evals.close()
 
-    if last_eval is None or int(last_eval["step"]) != step:  # e.g. resuming a finished run with eval.csv lost
-        last_eval = evaluate(step)
     wall = time.perf_counter() - started
     summary = {"steps": step, "epochs": round(step / per_epoch, 4), "wall_seconds": round(wall, 2),
                "train_seconds_total": round(train_seconds + time.perf_counter() - loop_start, 2),

@@ -358,3 +358,14 @@ def test_the_loop_and_the_figures_keep_arrays_on_the_device(tmp_path, monkeypatc
     assert summary["device"] == "gpu"  # it did run on the stand-in
     assert summary["steps"] == 4 and numpy.isfinite(summary["final_eval"]["neg_elbo_nats"])
     assert all((tmp_path / "run" / name).is_file() for name in train.FIGURES)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_reevaluates_if_needed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--epochs", 1) == 0
+    log_before = (out / "log.csv").read_bytes()
+    (out / "eval.csv").unlink()  # lost: the final evaluation is made again
+    assert run(out, "--epochs", 1, "--resume") == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert (out / "log.csv").read_bytes() == log_before
+    assert [int(r["step"]) for r in rows(out / "eval.csv")] == [PER_EPOCH]
