@@ -221,6 +221,22 @@ def windows(xpad, top, left, oh, ow, kh, kw, stride):
     return backend.as_strided(xpad[:, top:, left:, :], (n, oh, ow, kh, kw * c), (sn, stride * sh, stride * sw, sh, sc))
 
 
+def gather(module, name, xpad, top, left, oh, ow, kh, kw, stride, ones_column=False):
+    """The column matrix ``(N*OH*OW, kh*kw*C)`` of ``windows``: one copy, into a work array of ``module``.
+
+    With ``ones_column`` the matrix has a last column of ones. Multiplied by a weight matrix whose last
+    row is the bias, the product then adds the bias itself, with no pass of its own over the output;
+    and in backward, col^T dy has the bias gradient (the sum of dy) as its last row.
+    """
+    n, c = xpad.shape[0], xpad.shape[3]
+    k = kh * kw * c
+    col = module.work_array(name, (n, oh, ow, k + ones_column), xpad.dtype, array_module(xpad))
+    col[..., :k].reshape(n, oh, ow, kh, kw * c)[...] = windows(xpad, top, left, oh, ow, kh, kw, stride)
+    if ones_column:
+        col[..., k] = 1
+    return col.reshape(n * oh * ow, k + ones_column)
+
+
 def subpixel_taps(k, s, p):
     """Where each kernel tap of a transposed convolution lands, along one axis: ``[(i, a, d)]`` for i in 0..k-1.
 
@@ -238,8 +254,8 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None):
     sub-pixel form: split the output into its s*s phases ``(o mod s)`` along each axis; each phase is a
     stride-1 convolution of x over a few shifts d (``subpixel_taps``). So gather the T x T window of shifts
     around every input pixel, multiply once by W rearranged as ``(T*T*C_in, s*s*C_out)`` (a column block
-    per phase, zero where a phase lacks a tap), and interleave the phase images, adding the bias on the way.
-    For 3x3 kernels at stride 2, T = 2: the product does 16/9 of the minimum arithmetic, but in one
+    per phase, zero where a phase lacks a tap; the bias rides on a column of ones), and interleave the phase
+    images. For 3x3 kernels at stride 2, T = 2: the product does 16/9 of the minimum arithmetic, but in one
     well-shaped matrix product and with no scatter-add. ``module`` lends its work arrays.
     """
     xp = array_module(x)
@@ -253,22 +269,20 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None):
     mh, mw = -(-oh // s), -(-ow // s)  # output pixels per phase (rounded up; the excess is cropped below)
     top, left = max(0, -d0), max(0, -e0)
     xpad = module.padded("subpixel_x", x, top, max(0, d0 + mh + th - 1 - h), left, max(0, e0 + mw + tw - 1 - wd))
-    col = module.work_array("subpixel_col", (n, mh, mw, th, tw * cin), x.dtype, xp)
-    col[...] = windows(xpad, top + d0, left + e0, mh, mw, th, tw, 1)
+    col = gather(module, "subpixel_col", xpad, top + d0, left + e0, mh, mw, th, tw, 1, bias is not None)
 
-    wsub = xp.zeros((th, tw, cin, s, s, cout), dtype=w.dtype)
+    wsub = xp.zeros((th * tw * cin + (bias is not None), s, s, cout), dtype=w.dtype)
+    taps = wsub[:th * tw * cin].reshape(th, tw, cin, s, s, cout)
     for i, a, d in taps_h:
         for j, b, e in taps_w:
-            wsub[d - d0, e - e0, :, a, b, :] = w[:, :, i, j]
-    phases = col.reshape(n * mh * mw, -1) @ wsub.reshape(th * tw * cin, s * s * cout)
+            taps[d - d0, e - e0, :, a, b, :] = w[:, :, i, j]
+    if bias is not None:
+        wsub[-1] = bias  # every phase of every pixel
+    phases = col @ wsub.reshape(len(wsub), s * s * cout)
 
     # (N, MH, MW, a, b, C) -> (N, MH, a, MW, b, C), i.e. output pixel (s m + a, s m' + b): one copy
     y = xp.empty((n, mh, s, mw, s, cout), dtype=phases.dtype)
-    interleaved = phases.reshape(n, mh, mw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
-    if bias is None:
-        y[...] = interleaved
-    else:
-        xp.add(interleaved, bias, out=y)
+    y[...] = phases.reshape(n, mh, mw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
 
 
@@ -276,13 +290,23 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+def sum_over_rows(a, b):
+    """``a^T b`` for a ``(K, m)`` and b ``(K, n)`` with many rows K: a weight gradient, summed over pixels.
+
+    Computed as ``(b^T a)^T`` when m < n: two OpenBLAS threads share a product with fewer rows than
+    columns badly when K is large (a 27 x 32 product over 65536 rows ran 200 times slower than its
+    transpose on two busy cores), so the side with more columns goes first.
+    """
+    return a.T @ b if a.shape[1] >= b.shape[1] else (b.T @ a).T
+
+
 class Conv2d(Module):
     r"""2-D convolution (cross-correlation, as in PyTorch) on NHWC input.
 
     :math:`y[n, p, q, o] = b_o + \sum_{i, j, c} W[o, c, i, j]\, x_{pad}[n, s p + i, s q + j, c]`.
     x ``(N, H, W, C_in)`` -> y ``(N, OH, OW, C_out)``, OH = floor((H + 2 pad - kh) / s) + 1.
-    Computed as im2col (``windows``) followed by one matrix product; the gradient to x is the transposed
-    convolution of dy (``transposed_conv``). Initialised like PyTorch (fan_in = C_in*kh*kw).
+    Computed as im2col (``gather``) followed by one matrix product, which adds the bias too; the gradient
+    to x is the transposed convolution of dy (``transposed_conv``). Initialised like PyTorch (fan_in = C_in*kh*kw).
 
     At stride 1 with fewer output than input channels, the product comes first: every input pixel is
     multiplied by all kh*kw taps at once (``(kh*kw*C_out, C_in) @ x^T``), and each output plane adds up the
@@ -304,8 +328,11 @@ class Conv2d(Module):
         self.multiply_first = stride == 1 and out_channels < in_channels
 
     def _wmat(self):
-        # (out, in, kh, kw) -> (kh*kw*in, out): rows ordered like the columns of im2col
-        return self.params["W"].transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
+        # (out, in, kh, kw) -> (kh*kw*in, out): rows ordered like the columns of im2col; then the bias row
+        wmat = self.params["W"].transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
+        if "b" in self.params:
+            wmat = array_module(wmat).concatenate([wmat, self.params["b"][None, :]])
+        return wmat
 
     def forward(self, x):
         n, h, w, c = x.shape
@@ -318,24 +345,19 @@ class Conv2d(Module):
             return self._forward_multiply_first(x)
         p = self.padding
         xpad = self.padded("x", x, p, p, p, p)
-        col = self.work_array("col", (n, oh, ow, self.kh, self.kw * c), x.dtype, array_module(x))
-        col[...] = windows(xpad, 0, 0, oh, ow, self.kh, self.kw, self.stride)
-        self.col = col.reshape(n * oh * ow, -1)
-        y = self.col @ self._wmat()
-        if "b" in self.params:
-            y += self.params["b"]
-        return y.reshape(n, oh, ow, self.out_channels)
+        self.col = gather(self, "col", xpad, 0, 0, oh, ow, self.kh, self.kw, self.stride, "b" in self.params)
+        return (self.col @ self._wmat()).reshape(n, oh, ow, self.out_channels)
 
     def backward(self, dy):
         if self.multiply_first:
             return self._backward_multiply_first(dy)
         n, h, w, c = self.x_shape
-        dy2 = dy.reshape(-1, self.out_channels)
-        # dW = col^T dy, reshaped back to PyTorch's (out, in, kh, kw)
-        dw = (self.col.T @ dy2).reshape(self.kh, self.kw, c, self.out_channels)
-        self.grads["W"] += dw.transpose(3, 2, 0, 1)
+        # dW = col^T dy, reshaped back to PyTorch's (out, in, kh, kw); its extra last row, from the ones column, is db
+        dw = sum_over_rows(self.col, dy.reshape(-1, self.out_channels))
+        k = self.kh * self.kw * c
+        self.grads["W"] += dw[:k].reshape(self.kh, self.kw, c, self.out_channels).transpose(3, 2, 0, 1)
         if "b" in self.params:
-            self.grads["b"] += dy2.sum(axis=0)
+            self.grads["b"] += dw[k]
         # dx: every output pixel sends dy W back over its window, i.e. the transposed convolution of dy
         # (Conv2d's W (out, in, kh, kw) is read as a transposed convolution's (in, out, kh, kw))
         return transposed_conv(self, dy, self.params["W"], self.stride, self.padding, (h, w))
@@ -385,7 +407,8 @@ class Conv2d(Module):
         for i, j, (rows, cols), (in_rows, in_cols) in self._shifts():
             dz[i, j][:, :, in_rows, in_cols] = dy_planes[:, :, rows, cols]
         dz = dz.reshape(-1, n * h * w)
-        self.grads["W"] += (dz @ self.x2).reshape(self.kh, self.kw, cout, c).transpose(2, 3, 0, 1)
+        dw = sum_over_rows(dz.T, self.x2)  # (kh*kw*out, in)
+        self.grads["W"] += dw.reshape(self.kh, self.kw, cout, c).transpose(2, 3, 0, 1)
         if "b" in self.params:
             self.grads["b"] += dy_planes.sum(axis=(1, 2, 3))
         return (dz.T @ self._taps_by_input()).reshape(n, h, w, c)
@@ -439,10 +462,10 @@ class ConvTranspose2d(Module):
         dcol = self.work_array("dcol", (n, h, w, self.kh, self.kw * cout), dy.dtype, xp)
         dcol[...] = windows(dypad, 0, 0, h, w, self.kh, self.kw, self.stride)
         dcol = dcol.reshape(n * h * w, -1)
-        dw = dcol.T @ self.x2  # (kh*kw*out, in): the orientation OpenBLAS threads well
+        dw = sum_over_rows(dcol, self.x2)  # (kh*kw*out, in)
         self.grads["W"] += dw.reshape(self.kh, self.kw, cout, self.in_channels).transpose(3, 2, 0, 1)
         if "b" in self.params:
-            self.grads["b"] += dy.sum(axis=(0, 1, 2))
+            self.grads["b"] += channel_sums(_identity, [dy])
         return (dcol @ self._wmat().T).reshape(n, h, w, self.in_channels)
 
 
@@ -490,34 +513,42 @@ def per_pixel(fn, arrays, params=()):
 
 
 def channel_sums(fn, arrays, params=()):
-    """Per-channel sums of ``fn(*arrays, *params)`` over every axis but the last, in cache-sized blocks: shape (C,).
+    """Per-channel sums over every axis but the last of ``fn(*arrays, *params)``, in cache-sized blocks.
 
-    Block sums are accumulated in float64, so a sum over millions of float32 numbers stays accurate.
+    ``fn`` returns one array or a tuple of them (several sums from one pass over memory); the result is
+    a (C,) array or a tuple of them. Block sums are accumulated in float64, so a sum over millions of
+    float32 numbers stays accurate.
     """
     first = arrays[0]
     if backend.is_device_array(first):
-        values = first if fn is _identity else backend.fused(fn)(*arrays, *params)
-        return values.sum(axis=tuple(range(first.ndim - 1)))
+        values = backend.fused(fn)(*arrays, *params)
+        axes = tuple(range(first.ndim - 1))
+        return tuple(v.sum(axis=axes) for v in values) if isinstance(values, tuple) else values.sum(axis=axes)
     xp = array_module(*arrays)
     wide, params, k = _wide_rows(arrays, params)
     step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
-    total = xp.zeros(wide[0].shape[1], dtype=xp.float64)
+    totals = None
     for start in range(0, wide[0].shape[0], step):
-        total += fn(*(a[start:start + step] for a in wide), *params).sum(axis=0)
-    return total.reshape(k, -1).sum(axis=0).astype(first.dtype)
+        values = fn(*(a[start:start + step] for a in wide), *params)
+        sums = [v.sum(axis=0) for v in (values if isinstance(values, tuple) else (values,))]
+        totals = [xp.zeros(len(v), dtype=xp.float64) for v in sums] if totals is None else totals
+        for total, v in zip(totals, sums):
+            total += v
+    out = tuple(total.reshape(k, -1).sum(axis=0).astype(first.dtype) for total in totals)
+    return out if isinstance(values, tuple) else out[0]
 
 
 def _identity(x):
     return x
 
 
-def _squared_deviation(x, mean):
-    d = x - mean
-    return d * d
+def _shifted_moments(x, shift):
+    d = x - shift
+    return d, d * d
 
 
-def _deviation_times(dy, x, mean):
-    return dy * (x - mean)
+def _grad_sums(dy, x, mean):
+    return dy, dy * (x - mean)
 
 
 def _affine(x, scale, shift):
@@ -536,9 +567,9 @@ class BatchNorm2d(Module):
     (the running variance uses the unbiased batch variance, as PyTorch does). Eval mode uses the
     running estimates, so y is an affine function of x.
 
-    Computed in few passes over memory: one for the mean, one for the variance (of x - mean, so no
-    cancellation), one for y = x * (gamma / sigma) + (beta - mean * gamma / sigma). Backward: one pass for
-    the two sums it needs and one for dx. x itself is kept for backward, not a normalised copy.
+    Two passes over memory each way: forward, one for the mean and variance together and one for
+    y = x * (gamma / sigma) + (beta - mean * gamma / sigma); backward, one for the two sums it needs and
+    one for dx. x itself is kept for backward, not a normalised copy.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=None):
@@ -554,8 +585,12 @@ class BatchNorm2d(Module):
     def forward(self, x):
         m = x.size // x.shape[-1]
         if self.training:
-            mean = channel_sums(_identity, [x]) / m
-            var = channel_sums(_squared_deviation, [x], [mean]) / m
+            # one pass for both moments, of x minus a rough mean s (that of the first image), so that
+            # mean^2 cannot swamp the variance: var = E[(x - s)^2] - (E[x - s])^2
+            shift = x[0].reshape(-1, x.shape[-1]).mean(axis=0)
+            sum_d, sum_d2 = channel_sums(_shifted_moments, [x], [shift])
+            mean = shift + sum_d / m
+            var = array_module(x).maximum(sum_d2 / m - (sum_d / m) ** 2, 0)
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             rm += self.momentum * (mean - rm)
             rv += self.momentum * (var * (m / max(m - 1, 1)) - rv)
@@ -569,8 +604,8 @@ class BatchNorm2d(Module):
     def backward(self, dy):
         x, mean, inv_std = self.x, self.mean, self.inv_std
         m = x.size // x.shape[-1]
-        sum_dy = channel_sums(_identity, [dy])
-        sum_dy_xhat = channel_sums(_deviation_times, [dy, x], [mean]) * inv_std
+        sum_dy, sum_dy_xc = channel_sums(_grad_sums, [dy, x], [mean])
+        sum_dy_xhat = sum_dy_xc * inv_std
         self.grads["gamma"] += sum_dy_xhat
         self.grads["beta"] += sum_dy
         scale = self.params["gamma"] * inv_std

@@ -1,0 +1,413 @@
+"""Training-step benchmark: scratchvae on NumPy (and CuPy where a GPU is usable) against PyTorch.
+
+    python benchmarks/bench_train.py            # full run: default and small presets, batch 64 and 128
+    python benchmarks/bench_train.py --quick    # fewer steps, batch 64 only
+
+Prints, for every framework, preset and batch size: images/s of a whole training step (forward, backward,
+Adam), the step time and the peak memory; the ratio scratchvae / PyTorch where PyTorch is installed (it is
+not a dependency: without it that part is skipped with a line saying so); a per-layer forward/backward
+breakdown of the default model at batch 64 (scratchvae and PyTorch side by side); and the time to
+assemble a batch from a uint8 memory-mapped cache with ``scratchvae.data.Batches``.
+
+Method. Every configuration runs in a fresh Python process, so that its peak memory is its own: on the
+CPU that is the process's peak resident set (``ru_maxrss``), which counts everything (interpreter,
+libraries, OpenBLAS buffers, every array) -- tracemalloc would miss memory NumPy does not allocate itself.
+On the GPU it is the peak of the framework's device memory pool. Both frameworks get the same number of
+threads (``--threads``, default 2): OPENBLAS/OMP/MKL_NUM_THREADS for NumPy, ``torch.set_num_threads`` for
+PyTorch. Each process warms up, then times ``--steps`` steps one by one; images/s is batch / median step.
+Other processes on the machine disturb the figures, so the load average is printed before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer steps, batch 64 only")
+    p.add_argument("--presets", nargs="+", default=["default", "small"])
+    p.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default: 64 128)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 10, quick 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
+    p.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "PRESET", "BATCH"), help=argparse.SUPPRESS)
+    p.add_argument("--layers", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.batches = args.batches or ([64] if args.quick else [64, 128])
+    args.steps = args.steps or (3 if args.quick else 10)
+    return args
+
+
+def set_thread_env(threads):
+    """Thread counts for the BLAS and OpenMP pools: must be set before NumPy or PyTorch is imported."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+# ---- one configuration, in its own process ------------------------------------------------------------------
+
+def peak_rss_mb():
+    import resource  # noqa: PLC0415  (Linux: ru_maxrss in KiB)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(step, warmup, steps, sync=lambda: None, timers=None):
+    """Sorted wall times of ``steps`` calls of ``step`` after ``warmup`` untimed ones (timers reset after warm-up)."""
+    for _ in range(warmup):
+        step()
+    sync()
+    for fb in (timers or {}).values():
+        fb[:] = [0.0, 0.0]
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)
+
+
+PRESETS = {"default": ((32, 64, 128, 256, 512), 128), "small": ((16, 32, 64, 128), 32)}
+
+
+def scratchvae_worker(device, preset, batch, args):
+    """images/s, step times and peak memory of ``VAE.train_step`` (and the per-layer split with --layers)."""
+    import numpy  # noqa: PLC0415
+
+    from scratchvae import backend  # noqa: PLC0415
+    from scratchvae.optim import Adam  # noqa: PLC0415
+    from scratchvae.vae import VAE  # noqa: PLC0415
+
+    xp = backend.set_device(device)
+    base_rss = peak_rss_mb()
+    model = VAE(image_size=64, preset=preset)
+    optimizer = Adam(model, lr=1e-3)
+    images = numpy.random.default_rng(0).integers(0, 256, (batch, 3, 64, 64), dtype=numpy.uint8)
+    x = backend.to_device(images, numpy.float32) / 255
+    sync = xp.cuda.Device().synchronize if device == "gpu" else (lambda: None)
+    timers = wrap_layers(model, sync) if args.layers else None
+    times = time_steps(lambda: model.train_step(x, optimizer), args.warmup, args.steps, sync, timers)
+    out = {"step_s": times, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb()}
+    if device == "gpu":
+        out["peak_device_mb"] = xp.get_default_memory_pool().total_bytes() / 2**20
+    if timers is not None:
+        out["layers"] = {name: [t / args.steps * 1e3 for t in fb] for name, fb in timers.items()}
+    return out
+
+
+def layer_label(name, mod):
+    """'encoder.0 Conv2d 3->32 s2' style labels, the same for both frameworks."""
+    kind = type(mod).__name__.replace("Unflatten", "Reshape")
+    label = f"{name} {kind}"
+    if hasattr(mod, "in_channels"):
+        stride = mod.stride[0] if isinstance(mod.stride, tuple) else mod.stride
+        label += f" {mod.in_channels}->{mod.out_channels}" + (f" s{stride}" if stride > 1 else "")
+    return label
+
+
+def wrap_layers(model, sync):
+    """Time every layer's forward and backward inside the model (instance attributes shadow the methods)."""
+    timers = {}
+    named = [(f"encoder.{i}", m) for i, m in enumerate(model.encoder.layers)]
+    named += [("fc_mu", model.fc_mu), ("fc_logvar", model.fc_logvar)]
+    named += [(f"decoder.{i}", m) for i, m in enumerate(model.decoder.layers)]
+    for name, mod in named:
+        acc = timers.setdefault(layer_label(name, mod), [0.0, 0.0])
+
+        def timed(fn, slot, acc=acc):
+            def run(a):
+                sync()
+                t = time.perf_counter()
+                out = fn(a)
+                sync()
+                acc[slot] += time.perf_counter() - t
+                return out
+            return run
+        mod.forward, mod.backward = timed(mod.forward, 0), timed(mod.backward, 1)
+    return timers
+
+
+def torch_worker(device, preset, batch, args):
+    """The same measurements for the PyTorch model of ``pytorch_vae.py``."""
+    import torch  # noqa: PLC0415
+
+    sys.path.insert(0, HERE)
+    from pytorch_vae import make_train_step  # noqa: PLC0415
+
+    torch.set_num_threads(args.threads)
+    base_rss = peak_rss_mb()
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    channels, latent = PRESETS[preset]
+    model, _, step = make_train_step(channels, latent)
+    model.to(dev)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randint(0, 256, (batch, 3, 64, 64), generator=gen, dtype=torch.uint8).float() / 255).to(dev)
+    eps = torch.randn(batch, latent, generator=gen).to(dev)
+    sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+    timers = torch_layer_hooks(model, sync) if args.layers else None
+    times = time_steps(lambda: step(x, eps), args.warmup, args.steps, sync, timers)
+    out = {"step_s": times, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb(),
+           "version": torch.__version__, "threads": torch.get_num_threads()}
+    if device == "gpu":
+        out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if timers is not None:
+        out["layers"] = {name: [t / args.steps * 1e3 for t in fb] for name, fb in timers.items()}
+    return out
+
+
+def torch_layer_hooks(model, sync):
+    """Per-layer forward/backward time from module hooks (the hooks cost a little; the step timing has none)."""
+    timers = {}
+    named = [(f"encoder.{i}", m) for i, m in enumerate(model.encoder)]
+    named += [("fc_mu", model.fc_mu), ("fc_logvar", model.fc_logvar)]
+    named += [(f"decoder.{i}", m) for i, m in enumerate(model.decoder)]
+    for name, mod in named:
+        label = layer_label(name, mod)
+        acc, start = timers.setdefault(label, [0.0, 0.0]), [0.0, 0.0]
+
+        def begin(slot, acc=acc, start=start):
+            sync()
+            start[slot] = time.perf_counter()
+
+        def end(slot, acc=acc, start=start):
+            sync()
+            acc[slot] += time.perf_counter() - start[slot]
+
+        mod.register_forward_pre_hook(lambda m, i, begin=begin: begin(0))
+        mod.register_forward_hook(lambda m, i, o, end=end: end(0))
+        mod.register_full_backward_pre_hook(lambda m, g, begin=begin: begin(1))
+        mod.register_full_backward_hook(lambda m, gi, go, end=end: end(1))
+    return timers
+
+
+def worker_main(args):
+    framework, preset, batch = args.worker[0], args.worker[1], int(args.worker[2])
+    kind, _, device = framework.partition("-")
+    run = torch_worker if kind == "torch" else scratchvae_worker
+    result = run(device, preset, batch, args)
+    print("RESULT " + json.dumps(result))
+
+
+# ---- the driver ---------------------------------------------------------------------------------------------
+
+def run_worker(framework, preset, batch, args, layers=False):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, preset, str(batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if layers:
+        cmd.append("--layers")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    print(f"  {framework} {preset} batch {batch}: failed ({' | '.join(tail)})")
+    return None
+
+
+def load():
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def environment(args):
+    import numpy  # noqa: PLC0415
+
+    from scratchvae import backend  # noqa: PLC0415
+
+    lines = [f"python {sys.version.split()[0]}, numpy {numpy.__version__}, {os.cpu_count()} CPUs, "
+             f"threads {args.threads}, {load()}"]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
+        if os.path.exists("/proc/cpuinfo") else "?"
+    lines.append(f"CPU: {cpu}")
+    blas = numpy.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+    lines.append(f"BLAS: {blas.get('name', '?')} {blas.get('version', '')}")
+    env = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_") and k != "OPENBLAS_NUM_THREADS"}
+    lines.append("OpenBLAS environment: " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "none set"))
+    a = numpy.random.default_rng(0).random((2048, 2048), dtype=numpy.float32)
+    a @ a
+    t = min(timed(lambda: a @ a) for _ in range(5))
+    lines.append(f"float32 matrix product 2048^3: {2 * 2048 ** 3 / t / 1e9:.0f} GFLOP/s")
+    gpu = backend.gpu_available()
+    lines.append("GPU: " + ("usable (CuPy)" if gpu else "none usable: the CuPy figures are skipped"))
+    return lines, gpu
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def torch_available():
+    import importlib.util  # noqa: PLC0415
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def summarize(result, batch):
+    med = result["step_s"][len(result["step_s"]) // 2]
+    return batch / med, med * 1e3
+
+
+def print_throughput(results, frameworks, args):
+    print("\n== Training step (forward + backward + Adam), images/s (median step) ==")
+    head = f"{'preset':8s} {'batch':>5s}  " + "  ".join(f"{fw:>22s}" for fw in frameworks)
+    print(head)
+    for preset in args.presets:
+        for batch in args.batches:
+            cells = []
+            for fw in frameworks:
+                r = results.get((fw, preset, batch))
+                if r is None:
+                    cells.append(f"{'-':>22s}")
+                    continue
+                ips, ms = summarize(r, batch)
+                cells.append(f"{ips:8.1f} img/s {ms:7.1f} ms")
+            print(f"{preset:8s} {batch:5d}  " + "  ".join(cells))
+
+
+def print_ratios(results, pairs, args):
+    print("\n== Ratio scratchvae / PyTorch (images/s; >= 1.0 means scratchvae is at least as fast) ==")
+    for ours, theirs in pairs:
+        for preset in args.presets:
+            for batch in args.batches:
+                a, b = results.get((ours, preset, batch)), results.get((theirs, preset, batch))
+                if a and b:
+                    ratio = summarize(a, batch)[0] / summarize(b, batch)[0]
+                    print(f"{ours:>14s} / {theirs:<10s} {preset:8s} batch {batch:4d}: {ratio:5.2f}")
+
+
+def print_memory(results):
+    print("\n== Peak memory ==")
+    for (fw, preset, batch), r in sorted(results.items()):
+        if r is None:
+            continue
+        line = f"{fw:>14s} {preset:8s} batch {batch:4d}: peak RSS {r['peak_rss_mb']:7.0f} MB " \
+               f"(process before the model: {r['base_rss_mb']:.0f} MB)"
+        if "peak_device_mb" in r:
+            line += f", device pool {r['peak_device_mb']:.0f} MB"
+        print(line)
+
+
+def print_layers(ours, theirs, ours_name, theirs_name, step_ms):
+    print(f"\n== Per layer, default model, batch 64: forward / backward ms per step ==")
+    names = list(ours["layers"]) if ours else list(theirs["layers"])
+    head = f"{'layer':36s} {ours_name:>17s}"
+    if theirs:
+        head += f" {theirs_name:>17s} {'ratio':>6s}"
+    print(head)
+    tot_a = tot_b = 0.0
+    for name in names:
+        fa, ba = ours["layers"].get(name, [0, 0]) if ours else (0, 0)
+        line = f"{name:36s} {fa:7.1f} / {ba:7.1f}"
+        tot_a += fa + ba
+        if theirs:
+            fb, bb = theirs["layers"].get(name, [0.0, 0.0])
+            tot_b += fb + bb
+            ratio = (fb + bb) / (fa + ba) if fa + ba > 0.05 else float("nan")
+            line += f" {fb:7.1f} / {bb:7.1f} {ratio:6.2f}"
+        print(line)
+    print(f"{'all layers (fwd + bwd)':36s} {tot_a:17.1f}" + (f" {tot_b:17.1f}" if theirs else ""))
+    print(f"{'rest of the step (loss, Adam, ...)':36s} {step_ms[0] - tot_a:17.1f}"
+          + (f" {step_ms[1] - tot_b:17.1f}" if theirs else ""))
+    print(f"{'whole step, timed layer by layer':36s} {step_ms[0]:17.1f}" + (f" {step_ms[1]:17.1f}" if theirs else ""))
+    print("(timing layer by layer adds a little to the step; PyTorch's backward hooks do not fire on the"
+          " first conv, whose input needs no gradient)")
+
+
+def batch_assembly(step_ms, args):
+    print("\n== Batch assembly from a uint8 memory-mapped cache (scratchvae.data.Batches) ==")
+    try:
+        import numpy  # noqa: PLC0415
+
+        from scratchvae.data import Batches  # noqa: PLC0415
+    except ImportError as e:
+        print(f"  skipped: scratchvae.data.Batches is not importable yet ({e})")
+        return
+    n = 4096
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "cache.u8")
+        mm = numpy.lib.format.open_memmap(path, mode="w+", dtype=numpy.uint8, shape=(n, 3, 64, 64))
+        mm[:] = numpy.random.default_rng(0).integers(0, 256, mm.shape, dtype=numpy.uint8)
+        mm.flush()
+        del mm
+        cache = numpy.load(path, mmap_mode="r")
+        for batch in args.batches:
+            batches = Batches(cache, batch, shuffle=True, seed=0)
+            it = batches.epoch(0)
+            next(it)  # warm up
+            count = min(20, len(batches) - 1)
+            t = time.perf_counter()
+            for _ in range(count):
+                next(it)
+            ms = (time.perf_counter() - t) / count * 1e3
+            share = f", {ms / step_ms[batch] * 100:.1f}% of the default model's step" if batch in step_ms else ""
+            print(f"  batch {batch:4d}: {ms:6.2f} ms per batch (shuffled gather + uint8 -> float32){share}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    set_thread_env(args.threads)
+    if args.worker:
+        return worker_main(args)
+
+    print("scratchvae training benchmark" + (" (quick)" if args.quick else ""))
+    lines, gpu = environment(args)
+    for line in lines:
+        print("  " + line)
+    frameworks = ["scratchvae-cpu"] + (["scratchvae-gpu"] if gpu else [])
+    if args.no_torch:
+        print("  PyTorch: skipped (--no-torch)")
+    elif torch_available():
+        frameworks.append("torch-cpu")
+        if gpu:
+            frameworks.append("torch-gpu")
+    else:
+        print("  PyTorch: not installed in this environment, so the comparison is skipped "
+              "(install torch to compare; it is not a dependency of scratchvae)")
+
+    results = {}
+    for preset in args.presets:
+        for batch in args.batches:
+            for fw in frameworks:
+                results[(fw, preset, batch)] = run_worker(fw, preset, batch, args)
+                r = results[(fw, preset, batch)]
+                if r:
+                    ips, ms = summarize(r, batch)
+                    print(f"  {fw:>14s} {preset:8s} batch {batch:4d}: {ips:7.1f} img/s  ({ms:.1f} ms/step, "
+                          f"best {min(r['step_s']) * 1e3:.1f}, peak RSS {r['peak_rss_mb']:.0f} MB)", flush=True)
+
+    print_throughput(results, frameworks, args)
+    pairs = [(o, t) for o, t in (("scratchvae-cpu", "torch-cpu"), ("scratchvae-gpu", "torch-gpu"))
+             if o in frameworks and t in frameworks]
+    if pairs:
+        print_ratios(results, pairs, args)
+    print_memory(results)
+
+    step_ms = {b: summarize(results[("scratchvae-cpu", "default", b)], b)[1]
+               for b in args.batches if results.get(("scratchvae-cpu", "default", b))}
+    if not args.no_layers:
+        for ours_fw, theirs_fw in [("scratchvae-cpu", "torch-cpu"), ("scratchvae-gpu", "torch-gpu")]:
+            if ours_fw not in frameworks:
+                continue
+            ours = run_worker(ours_fw, "default", 64, args, layers=True)
+            theirs = run_worker(theirs_fw, "default", 64, args, layers=True) if theirs_fw in frameworks else None
+            if ours:
+                steps = (summarize(ours, 64)[1], summarize(theirs, 64)[1] if theirs else 0.0)
+                print_layers(ours, theirs, ours_fw, theirs_fw, steps)
+    batch_assembly(step_ms, args)
+    print(f"\n  {load()} (after)")
+
+
+if __name__ == "__main__":
+    main()
