@@ -155,39 +155,51 @@ def torch_worker(device, preset, batch, args):
     x = (torch.randint(0, 256, (batch, 3, 64, 64), generator=gen, dtype=torch.uint8).float() / 255).to(dev)
     eps = torch.randn(batch, latent, generator=gen).to(dev)
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
-    timers = torch_layer_hooks(model, sync) if args.layers else None
-    times = time_steps(lambda: step(x, eps), args.warmup, args.steps, sync, timers)
+    times = time_steps(lambda: step(x, eps), args.warmup, args.steps, sync)
     out = {"step_s": times, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb(),
            "version": torch.__version__, "threads": torch.get_num_threads()}
     if device == "gpu":
         out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    if timers is not None:
-        out["layers"] = {name: [t / args.steps * 1e3 for t in fb] for name, fb in timers.items()}
+    if args.layers:
+        out["layers"] = torch_layer_times(model, x, eps, sync, args.steps)
     return out
 
 
-def torch_layer_hooks(model, sync):
-    """Per-layer forward/backward time from module hooks (the hooks cost a little; the step timing has none)."""
-    timers = {}
+def torch_layer_times(model, x, eps, sync, repeats):
+    """Forward and backward ms of every PyTorch layer, each run alone on an input of the shape it sees in
+    the model (hooks inside the model would slow PyTorch's autograd down far more than they measure)."""
+    import torch  # noqa: PLC0415
+
+    inputs = {}
     named = [(f"encoder.{i}", m) for i, m in enumerate(model.encoder)]
     named += [("fc_mu", model.fc_mu), ("fc_logvar", model.fc_logvar)]
     named += [(f"decoder.{i}", m) for i, m in enumerate(model.decoder)]
+    def keep_input(name):
+        def hook(mod, args, output):  # returns None: a hook's return value would replace the output
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    handles = [m.register_forward_hook(keep_input(name)) for name, m in named]
+    model.loss(x, eps).backward()
+    for h in handles:
+        h.remove()
+    timers = {}
     for name, mod in named:
-        label = layer_label(name, mod)
-        acc, start = timers.setdefault(label, [0.0, 0.0]), [0.0, 0.0]
-
-        def begin(slot, acc=acc, start=start):
+        inp = inputs[name].clone().requires_grad_(name != "encoder.0")  # the images need no gradient
+        out = mod(inp)
+        grad = torch.randn_like(out)
+        fwd, bwd = [], []
+        for _ in range(repeats + 1):
             sync()
-            start[slot] = time.perf_counter()
-
-        def end(slot, acc=acc, start=start):
+            t = time.perf_counter()
+            out = mod(inp)
             sync()
-            acc[slot] += time.perf_counter() - start[slot]
-
-        mod.register_forward_pre_hook(lambda m, i, begin=begin: begin(0))
-        mod.register_forward_hook(lambda m, i, o, end=end: end(0))
-        mod.register_full_backward_pre_hook(lambda m, g, begin=begin: begin(1))
-        mod.register_full_backward_hook(lambda m, gi, go, end=end: end(1))
+            t1 = time.perf_counter()
+            out.backward(grad)
+            sync()
+            fwd.append(t1 - t)
+            bwd.append(time.perf_counter() - t1)
+        timers[layer_label(name, mod)] = [sorted(fwd[1:])[repeats // 2] * 1e3, sorted(bwd[1:])[repeats // 2] * 1e3]
     return timers
 
 
@@ -318,11 +330,12 @@ def print_layers(ours, theirs, ours_name, theirs_name, step_ms):
             line += f" {fb:7.1f} / {bb:7.1f} {ratio:6.2f}"
         print(line)
     print(f"{'all layers (fwd + bwd)':36s} {tot_a:17.1f}" + (f" {tot_b:17.1f}" if theirs else ""))
-    print(f"{'rest of the step (loss, Adam, ...)':36s} {step_ms[0] - tot_a:17.1f}"
-          + (f" {step_ms[1] - tot_b:17.1f}" if theirs else ""))
-    print(f"{'whole step, timed layer by layer':36s} {step_ms[0]:17.1f}" + (f" {step_ms[1]:17.1f}" if theirs else ""))
-    print("(timing layer by layer adds a little to the step; PyTorch's backward hooks do not fire on the"
-          " first conv, whose input needs no gradient)")
+    print(f"{'rest of the step (loss, Adam, ...)':36s} {step_ms[0] - tot_a:17.1f}")
+    print(f"{'whole step (median)':36s} {step_ms[0]:17.1f}" + (f" {step_ms[1]:17.1f}" if theirs else ""))
+    if theirs:
+        print(f"({ours_name}: each layer timed inside the training step; {theirs_name}: each layer run alone on"
+              " an input of its shape, median of the repeats, the first conv without an input gradient as in"
+              " the model, so its column does not add up to its step)")
 
 
 def batch_assembly(step_ms, args):

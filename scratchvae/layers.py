@@ -18,6 +18,8 @@ Nothing here imports NumPy: every array op goes through ``xp``, the module ownin
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 from . import backend
 from .backend import array_module
@@ -224,17 +226,17 @@ def windows(xpad, top, left, oh, ow, kh, kw, stride):
 def gather(module, name, xpad, top, left, oh, ow, kh, kw, stride, ones_column=False):
     """The column matrix ``(N*OH*OW, kh*kw*C)`` of ``windows``: one copy, into a work array of ``module``.
 
-    With ``ones_column`` the matrix has a last column of ones. Multiplied by a weight matrix whose last
+    With ``ones_column`` the matrix has a first column of ones. Multiplied by a weight matrix whose first
     row is the bias, the product then adds the bias itself, with no pass of its own over the output;
-    and in backward, col^T dy has the bias gradient (the sum of dy) as its last row.
+    and in backward, col^T dy has the bias gradient (the sum of dy) as its first row.
     """
     n, c = xpad.shape[0], xpad.shape[3]
-    k = kh * kw * c
-    col = module.work_array(name, (n, oh, ow, k + ones_column), xpad.dtype, array_module(xpad))
-    col[..., :k].reshape(n, oh, ow, kh, kw * c)[...] = windows(xpad, top, left, oh, ow, kh, kw, stride)
+    k, one = kh * kw * c, int(ones_column)
+    col = module.work_array(name, (n, oh, ow, one + k), xpad.dtype, array_module(xpad))
+    col[..., one:].reshape(n, oh, ow, kh, kw * c)[...] = windows(xpad, top, left, oh, ow, kh, kw, stride)
     if ones_column:
-        col[..., k] = 1
-    return col.reshape(n * oh * ow, k + ones_column)
+        col[..., 0] = 1
+    return col.reshape(n * oh * ow, one + k)
 
 
 def subpixel_taps(k, s, p):
@@ -253,16 +255,17 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None):
     :math:`y[n, s h + i - p, s w' + j - p, o] \mathrel{+}= \sum_c x[n, h, w', c]\, W[c, o, i, j]`, computed in
     sub-pixel form: split the output into its s*s phases ``(o mod s)`` along each axis; each phase is a
     stride-1 convolution of x over a few shifts d (``subpixel_taps``). So gather the T x T window of shifts
-    around every input pixel, multiply once by W rearranged as ``(T*T*C_in, s*s*C_out)`` (a column block
-    per phase, zero where a phase lacks a tap; the bias rides on a column of ones), and interleave the phase
-    images. For 3x3 kernels at stride 2, T = 2: the product does 16/9 of the minimum arithmetic, but in one
-    well-shaped matrix product and with no scatter-add. ``module`` lends its work arrays.
+    around every input pixel once, and for each output row phase multiply the window rows it uses by W
+    rearranged as ``(rows*T*C_in, s*C_out)`` (a column block per column phase, zero where that phase lacks
+    a tap; the bias rides on a column of ones); then interleave the phase images. For 3x3 kernels at
+    stride 2, T = 2 and the products do 4/3 of the minimum arithmetic, in well-shaped matrix products and
+    with no scatter-add. ``module`` lends its work arrays.
     """
     xp = array_module(x)
     n, h, wd, cin = x.shape
     cout, kh, kw = w.shape[1:]
     oh, ow = out_hw
-    s = stride
+    s, one = stride, int(bias is not None)
     taps_h, taps_w = subpixel_taps(kh, s, padding), subpixel_taps(kw, s, padding)
     d0, e0 = min(d for _, _, d in taps_h), min(e for _, _, e in taps_w)
     th, tw = max(d for _, _, d in taps_h) - d0 + 1, max(e for _, _, e in taps_w) - e0 + 1
@@ -271,18 +274,22 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None):
     xpad = module.padded("subpixel_x", x, top, max(0, d0 + mh + th - 1 - h), left, max(0, e0 + mw + tw - 1 - wd))
     col = gather(module, "subpixel_col", xpad, top + d0, left + e0, mh, mw, th, tw, 1, bias is not None)
 
-    wsub = xp.zeros((th * tw * cin + (bias is not None), s, s, cout), dtype=w.dtype)
-    taps = wsub[:th * tw * cin].reshape(th, tw, cin, s, s, cout)
+    # rows (ones, window row t, window column u, c_in) x columns (row phase a, column phase b, c_out)
+    wsub = xp.zeros((one + th * tw * cin, s, s, cout), dtype=w.dtype)
+    taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
     for i, a, d in taps_h:
         for j, b, e in taps_w:
             taps[d - d0, e - e0, :, a, b, :] = w[:, :, i, j]
     if bias is not None:
-        wsub[-1] = bias  # every phase of every pixel
-    phases = col @ wsub.reshape(len(wsub), s * s * cout)
+        wsub[0] = bias  # every phase of every pixel
 
-    # (N, MH, MW, a, b, C) -> (N, MH, a, MW, b, C), i.e. output pixel (s m + a, s m' + b): one copy
-    y = xp.empty((n, mh, s, mw, s, cout), dtype=phases.dtype)
-    y[...] = phases.reshape(n, mh, mw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
+    y = xp.empty((n, mh, s, mw, s, cout), dtype=col.dtype)
+    for a in range(s):
+        # row phase a needs the window rows up to its last tap only: a leading block of col's columns
+        rows = max((d - d0 + 1 for _, phase_a, d in taps_h if phase_a == a), default=0)
+        used = one + rows * tw * cin
+        phase = col[:, :used] @ wsub[:used, a].reshape(used, s * cout)
+        y[:, :, a] = phase.reshape(n, mh, mw, s, cout)  # output pixels (s m + a, s m' + b): one copy
     return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
 
 
@@ -328,10 +335,10 @@ class Conv2d(Module):
         self.multiply_first = stride == 1 and out_channels < in_channels
 
     def _wmat(self):
-        # (out, in, kh, kw) -> (kh*kw*in, out): rows ordered like the columns of im2col; then the bias row
+        # the bias row, then (out, in, kh, kw) -> (kh*kw*in, out): rows ordered like the columns of im2col
         wmat = self.params["W"].transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
         if "b" in self.params:
-            wmat = array_module(wmat).concatenate([wmat, self.params["b"][None, :]])
+            wmat = array_module(wmat).concatenate([self.params["b"][None, :], wmat])
         return wmat
 
     def forward(self, x):
@@ -352,12 +359,12 @@ class Conv2d(Module):
         if self.multiply_first:
             return self._backward_multiply_first(dy)
         n, h, w, c = self.x_shape
-        # dW = col^T dy, reshaped back to PyTorch's (out, in, kh, kw); its extra last row, from the ones column, is db
+        # dW = col^T dy, reshaped back to PyTorch's (out, in, kh, kw); its first row, from the ones column, is db
         dw = sum_over_rows(self.col, dy.reshape(-1, self.out_channels))
-        k = self.kh * self.kw * c
-        self.grads["W"] += dw[:k].reshape(self.kh, self.kw, c, self.out_channels).transpose(3, 2, 0, 1)
-        if "b" in self.params:
-            self.grads["b"] += dw[k]
+        one = int("b" in self.params)
+        self.grads["W"] += dw[one:].reshape(self.kh, self.kw, c, self.out_channels).transpose(3, 2, 0, 1)
+        if one:
+            self.grads["b"] += dw[0]
         # dx: every output pixel sends dy W back over its window, i.e. the transposed convolution of dy
         # (Conv2d's W (out, in, kh, kw) is read as a transposed convolution's (in, out, kh, kw))
         return transposed_conv(self, dy, self.params["W"], self.stride, self.padding, (h, w))
@@ -476,9 +483,12 @@ class ConvTranspose2d(Module):
 # of rows that fit in a core's cache, the intermediate results never leave the cache: memory sees every
 # input once and the output once. Blocks are viewed as rows of k*C numbers (k pixels side by side, the
 # per-channel vectors tiled k times), so that every NumPy inner loop runs over a thousand numbers, not C.
-# On the GPU the same expression becomes one fused kernel (``backend.fused``).
+# NumPy releases the interpreter lock inside each operation, so the blocks are shared among as many
+# threads as the BLAS uses (``backend.cpu_threads``). On the GPU the same expression becomes one fused
+# kernel (``backend.fused``).
 
 BLOCK_NUMBERS = 1 << 15  # numbers per block and array: a few such arrays fit in a core's L2 cache
+_pool = {"pid": None, "executor": None}
 
 
 def _wide_rows(arrays, params):
@@ -493,6 +503,19 @@ def _wide_rows(arrays, params):
     return wide, [xp.tile(p, k) if getattr(p, "ndim", 0) else p for p in params], k
 
 
+def _in_threads(work, rows, step):
+    """``work(lo, hi)`` on [0, rows) cut into one run of whole blocks per thread; the results, in order."""
+    blocks = -(-rows // step)
+    threads = min(backend.cpu_threads(), blocks)
+    cuts = [blocks * t // threads * step for t in range(threads)] + [rows]
+    if threads <= 1:
+        return [work(0, rows)]
+    if _pool["pid"] != os.getpid():  # a pool's threads do not survive a fork
+        _pool["pid"], _pool["executor"] = os.getpid(), ThreadPoolExecutor(max_workers=threads - 1)
+    others = [_pool["executor"].submit(work, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
+    return [work(cuts[0], cuts[1])] + [f.result() for f in others]
+
+
 def per_pixel(fn, arrays, params=()):
     """``fn(*arrays, *params)``, an elementwise expression, evaluated in cache-sized blocks; a new array.
 
@@ -503,12 +526,14 @@ def per_pixel(fn, arrays, params=()):
     xp = array_module(*arrays)
     wide, params, _ = _wide_rows(arrays, params)
     step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
-    out = None
-    for start in range(0, wide[0].shape[0], step):
-        block = fn(*(a[start:start + step] for a in wide), *params)
-        if out is None:
-            out = xp.empty(wide[0].shape, dtype=block.dtype)
-        out[start:start + step] = block
+    out = xp.empty(wide[0].shape, dtype=fn(*(a[:1] for a in wide), *params).dtype)
+
+    def work(lo, hi):
+        for start in range(lo, hi, step):
+            rows = slice(start, min(start + step, hi))
+            out[rows] = fn(*(a[rows] for a in wide), *params)
+
+    _in_threads(work, len(out), step)
     return out.reshape(arrays[0].shape)
 
 
@@ -527,15 +552,21 @@ def channel_sums(fn, arrays, params=()):
     xp = array_module(*arrays)
     wide, params, k = _wide_rows(arrays, params)
     step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
-    totals = None
-    for start in range(0, wide[0].shape[0], step):
-        values = fn(*(a[start:start + step] for a in wide), *params)
-        sums = [v.sum(axis=0) for v in (values if isinstance(values, tuple) else (values,))]
-        totals = [xp.zeros(len(v), dtype=xp.float64) for v in sums] if totals is None else totals
-        for total, v in zip(totals, sums):
-            total += v
-    out = tuple(total.reshape(k, -1).sum(axis=0).astype(first.dtype) for total in totals)
-    return out if isinstance(values, tuple) else out[0]
+    several = isinstance(fn(*(a[:1] for a in wide), *params), tuple)
+
+    def work(lo, hi):
+        totals = None
+        for start in range(lo, hi, step):
+            values = fn(*(a[start:min(start + step, hi)] for a in wide), *params)
+            sums = [v.sum(axis=0) for v in (values if several else (values,))]
+            totals = [xp.zeros(len(v), dtype=xp.float64) for v in sums] if totals is None else totals
+            for total, v in zip(totals, sums):
+                total += v
+        return totals
+
+    parts = _in_threads(work, len(wide[0]), step)
+    out = tuple(sum(totals).reshape(k, -1).sum(axis=0).astype(first.dtype) for totals in zip(*parts))
+    return out if several else out[0]
 
 
 def _identity(x):
