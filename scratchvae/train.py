@@ -164,9 +164,12 @@ class TrainConfig:
         need(math.isfinite(self.recon_variance) and self.recon_variance > 0,
              f"recon-variance must be positive, got {self.recon_variance}")
         halvings = len(PRESETS[self.preset]["channels"])
-        need(self.image_size >= 8 and self.image_size % 2 ** halvings == 0,
-             f"image-size {self.image_size} must be a multiple of {2 ** halvings} for preset {self.preset!r} "
-             f"(its encoder halves the image {halvings} times); e.g. {max(2 ** halvings, 64 // 2 ** halvings * 2 ** halvings)}")
+        m = 2 ** halvings
+        near = " or ".join(str(v) for v in (self.image_size // m * m, self.image_size // m * m + m) if v >= max(8, m))
+        need(self.image_size >= 8 and self.image_size % m == 0,
+             f"image-size {self.image_size} must be a multiple of {m}, at least 8, for preset {self.preset!r} "
+             f"(its encoder halves the image {halvings} times): e.g. {near}")
+        need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         need(not (self.resume and self.force), "--resume continues the run in the folder and --force overwrites "
              "it: give one of them, not both")
         if self.data is not None:
@@ -176,10 +179,11 @@ class TrainConfig:
 
 # ---- the run folder ------------------------------------------------------------------------------------------
 
-def prepare_out_dir(out, resume=False, force=False) -> Path:
+def prepare_out_dir(out, resume=False, force=False, clear=True) -> Path:
     """Make the run folder ready: refuse to touch a non-empty one unless resuming or forced; returns its Path.
 
-    ``force`` deletes only the files a run writes (``OUTPUTS``), never anything else found there.
+    ``force`` deletes only the files a run writes (``OUTPUTS``), never anything else found there; with
+    ``clear=False`` nothing is deleted or created, the folder is only checked.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -194,10 +198,11 @@ def prepare_out_dir(out, resume=False, force=False) -> Path:
         shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
         raise ConfigError(f"{out} already holds files ({shown}); pass --resume to continue that run, --force to "
                           "overwrite its outputs, or --out DIR for a new folder")
-    for name in present:
-        if name in OUTPUTS or name.startswith(CHECKPOINT + ".tmp"):
-            (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if clear:
+        for name in present:
+            if name in OUTPUTS or name.startswith(CHECKPOINT + ".tmp"):
+                (out / name).unlink()
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -285,6 +290,7 @@ class CsvLog:
         self.file.flush()
 
     def close(self) -> None:
+        """Close the file (rows already written are on disk)."""
         self.file.close()
 
 
@@ -367,7 +373,7 @@ def train(config: TrainConfig) -> dict:
         backend.set_device(cfg.device)
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
-    out = prepare_out_dir(cfg.out, resume=cfg.resume, force=cfg.force)
+    out = prepare_out_dir(cfg.out, resume=cfg.resume, force=cfg.force, clear=False)  # refuse early, delete late
     ckpt_path = out / CHECKPOINT
     stored = load_checkpoint(ckpt_path) if cfg.resume else None
     if stored is not None:  # refuse a mismatched checkpoint before spending time on the data
@@ -384,6 +390,8 @@ def train(config: TrainConfig) -> dict:
     valid = dataset.valid.images if cfg.eval_images is None else dataset.valid.images[: cfg.eval_images]
     heldout = backend.to_host(dataset.valid.images[:HELDOUT_IMAGES]).copy()
 
+    # --force deletes the old run only now, when the data has loaded: a mistyped option cannot cost a run
+    prepare_out_dir(out, resume=cfg.resume, force=cfg.force)
     model = build_model(cfg)
     optimizer = Adam(model, lr=cfg.lr)
     step, train_seconds = 0, 0.0

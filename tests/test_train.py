@@ -290,7 +290,8 @@ def test_force_overwrites_only_the_runs_own_files(tmp_path):
     (["--batch-size", "many"], "--batch-size: expected a positive integer"),
     (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
     (["--data", "/no/such/celeba"], "data path /no/such/celeba does not exist"),
-    (["--image-size", "30"], "image-size 30 must be a multiple of 4"),
+    (["--image-size", "30"], "image-size 30 must be a multiple of 4, at least 8, for preset 'tiny'"),
+    (["--seed", "-1"], "seed must be an integer >= 0"),
     (["--lr", "0"], "--lr: expected a positive number"),
     (["--recon", "l1"], "--recon: invalid choice"),
     (["--resume", "--force"], "not allowed with argument"),
@@ -303,6 +304,23 @@ def test_bad_arguments_give_one_clear_line(tmp_path, capsys, args, says):
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_data_without_images_is_a_clear_error_and_force_keeps_the_old_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--epochs", 1) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "empty").mkdir()
+    assert run(out, "--epochs", 1, "--force", "--data", tmp_path / "empty") == 2
+    err = capsys.readouterr().err
+    assert "no CelebA images found" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the failed --force deleted nothing
+
+
+@pytest.mark.skipif(backend.gpu_available(), reason="this machine has a GPU")
+def test_asking_for_a_missing_gpu_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(TINY[:-3] + ["--device", "gpu", "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    assert "pip install .[gpu]" in capsys.readouterr().err
 
 
 def test_batch_larger_than_the_data_is_a_clear_error(tmp_path, capsys):
