@@ -33,6 +33,7 @@ class Module:
         self.grads = {}     # name -> array of the same shape, filled by backward
         self.buffers = {}   # name -> array that is state but not trained (BatchNorm running stats)
         self.training = True
+        self.input_grad = True  # False: backward skips dL/dx and returns None (a first layer, fed data)
         self._work = {}     # name -> (signature, array): scratch arrays reused from step to step
 
     # -- the protocol -------------------------------------------------------------------------
@@ -41,7 +42,11 @@ class Module:
         raise NotImplementedError
 
     def backward(self, dy):
-        """Given dL/dy, return dL/dx and add dL/dparam into ``self.grads``."""
+        """Given dL/dy, return dL/dx and add dL/dparam into ``self.grads``.
+
+        Layers with weights skip dL/dx, and return None, when ``input_grad`` is False: the first layer of
+        a network needs no gradient for the images, and for a convolution it is a costly product.
+        """
         raise NotImplementedError
 
     def __call__(self, x):
@@ -184,7 +189,7 @@ class Linear(Module):
         self.grads["W"] += dy.T @ self.x
         if "b" in self.params:
             self.grads["b"] += dy.sum(axis=0)
-        return dy @ self.params["W"]
+        return dy @ self.params["W"] if self.input_grad else None
 
 
 # ---- convolution: gathers from strided views, then one matrix product --------------------------------
@@ -365,6 +370,8 @@ class Conv2d(Module):
         self.grads["W"] += dw[one:].reshape(self.kh, self.kw, c, self.out_channels).transpose(3, 2, 0, 1)
         if one:
             self.grads["b"] += dw[0]
+        if not self.input_grad:
+            return None
         # dx: every output pixel sends dy W back over its window, i.e. the transposed convolution of dy
         # (Conv2d's W (out, in, kh, kw) is read as a transposed convolution's (in, out, kh, kw))
         return transposed_conv(self, dy, self.params["W"], self.stride, self.padding, (h, w))
@@ -418,7 +425,7 @@ class Conv2d(Module):
         self.grads["W"] += dw.reshape(self.kh, self.kw, cout, c).transpose(2, 3, 0, 1)
         if "b" in self.params:
             self.grads["b"] += dy_planes.sum(axis=(1, 2, 3))
-        return (dz.T @ self._taps_by_input()).reshape(n, h, w, c)
+        return (dz.T @ self._taps_by_input()).reshape(n, h, w, c) if self.input_grad else None
 
 
 class ConvTranspose2d(Module):
@@ -473,7 +480,7 @@ class ConvTranspose2d(Module):
         self.grads["W"] += dw.reshape(self.kh, self.kw, cout, self.in_channels).transpose(3, 2, 0, 1)
         if "b" in self.params:
             self.grads["b"] += channel_sums(_identity, [dy])
-        return (dcol @ self._wmat().T).reshape(n, h, w, self.in_channels)
+        return (dcol @ self._wmat().T).reshape(n, h, w, self.in_channels) if self.input_grad else None
 
 
 # ---- elementwise work, a cache-sized block at a time --------------------------------------------------------

@@ -299,10 +299,16 @@ class VAE(Module):
         self._logvar_free = (raw > LOGVAR_MIN) & (raw < LOGVAR_MAX)
         return self.fc_mu.forward(h), xp.clip(raw, LOGVAR_MIN, LOGVAR_MAX)
 
-    def encode_backward(self, dmu, dlogvar):
-        """Backward of ``encode``: accumulate encoder gradients; returns dL/dx ``(N, C, H, W)``."""
+    def encode_backward(self, dmu, dlogvar, input_grad=True):
+        """Backward of ``encode``: accumulate encoder gradients; returns dL/dx ``(N, C, H, W)``.
+
+        With ``input_grad=False`` (training: the images need no gradient) the first convolution skips
+        dL/dx, its costliest product, and None is returned.
+        """
         dh = self.fc_mu.backward(dmu) + self.fc_logvar.backward(dlogvar * self._logvar_free)
-        return self.encoder.backward(dh).transpose(0, 3, 1, 2)
+        self.encoder[0].input_grad = input_grad
+        dx = self.encoder.backward(dh)
+        return None if dx is None else dx.transpose(0, 3, 1, 2)
 
     def decode(self, z):
         """Latents ``(..., d)`` -> decoder outputs ``(..., C, H, W)``: pixel means, or logits for 'bce'."""
@@ -343,7 +349,7 @@ class VAE(Module):
         dz = self.decode_backward(self.recon.nll_backward(dnll, x, out))
         dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
         dmu_kl, dlogvar_kl = kl_divergence_backward(dkl, mu, logvar)
-        self.encode_backward(dmu + dmu_kl, dlogvar + dlogvar_kl)
+        self.encode_backward(dmu + dmu_kl, dlogvar + dlogvar_kl, input_grad=False)
         return loss, recon, kl
 
     def _prior_mc_forward_backward(self, x, z):

@@ -236,6 +236,96 @@ def test_default_init_matches_pytorch_fan_in_bounds(xp):
     assert tw.shape == (8, 16, 3, 3)
 
 
+# ---- the fast paths: multiply-then-shift, skipped input gradients, reused work arrays, blocked elementwise ----
+
+MULTIPLY_FIRST_CASES = [(b, k, p) for b, k, p in itertools.product([1, 3], [3, (2, 3)], [0, 1, 2])]
+
+
+@pytest.mark.parametrize("batch,k,p", MULTIPLY_FIRST_CASES)
+def test_conv2d_multiply_first_gradients(xp, f64, batch, k, p):
+    """Stride 1 with fewer outputs than inputs (like the decoder's last 32 -> 3 layer) multiplies, then shifts."""
+    layer = layers.Conv2d(4, 3, k, stride=1, padding=p, rng=backend.rng(13))
+    assert layer.multiply_first
+    report = run_check("Conv2d (multiply first)", layer, randn(xp, batch, 5, 6, 4))
+    assert set(report) == {"x", "W", "b"}
+
+
+@pytest.mark.parametrize("p", [0, 1, 2])
+def test_conv2d_multiply_first_forward_matches_naive_loop(xp, f64, p):
+    layer = layers.Conv2d(5, 2, 3, stride=1, padding=p, rng=backend.rng(14))
+    x = randn(xp, 2, 6, 7, 5)
+    y = layer.forward(x)
+    want = naive_conv2d(backend.to_host(x), backend.to_host(layer.params["W"]),
+                        backend.to_host(layer.params["b"]), 1, p)
+    numpy.testing.assert_allclose(backend.to_host(y), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: layers.Conv2d(3, 4, 3, stride=2, padding=1, rng=backend.rng(15)), (2, 7, 6, 3)),
+    (lambda: layers.Conv2d(4, 2, 3, stride=1, padding=1, rng=backend.rng(15)), (2, 5, 6, 4)),
+    (lambda: layers.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1, rng=backend.rng(15)), (2, 3, 4, 3)),
+    (lambda: layers.Linear(5, 3, rng=backend.rng(15)), (4, 5)),
+])
+def test_input_grad_false_skips_dx_only(xp, f64, make, shape):
+    """A first layer (fed data) may skip dL/dx; its parameter gradients must not change."""
+    x = randn(xp, *shape, seed=16)
+    grads = []
+    for input_grad in (True, False):
+        layer = make()
+        layer.input_grad = input_grad
+        y = layer.forward(x)
+        dx = layer.backward(randn(xp, *y.shape, seed=17))
+        assert (dx is None) == (not input_grad)
+        grads.append({k: backend.to_host(g).copy() for k, g in layer.grads.items()})
+    for k in grads[0]:
+        numpy.testing.assert_array_equal(grads[0][k], grads[1][k])
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: layers.Conv2d(3, 4, 3, stride=2, padding=1, rng=backend.rng(18)), (3, 8, 6, 3)),
+    (lambda: layers.Conv2d(4, 2, 3, stride=1, padding=1, rng=backend.rng(18)), (3, 5, 6, 4)),
+    (lambda: layers.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1, rng=backend.rng(18)), (3, 3, 4, 3)),
+    (lambda: layers.BatchNorm2d(3), (3, 4, 5, 3)),
+])
+def test_work_arrays_reused_across_steps_give_identical_results(xp, f64, make, shape):
+    """Work arrays are kept between calls: a second step, and a step after another batch size, must match a fresh layer."""
+    x, other = randn(xp, *shape, seed=19), randn(xp, shape[0] + 2, *shape[1:], seed=20)
+
+    def step(layer, inp):
+        y = layer.forward(inp)
+        layer.zero_grad()
+        dx = layer.backward(randn(xp, *y.shape, seed=21))
+        return [backend.to_host(a).copy() for a in (y, dx, *layer.grads.values())]
+
+    want = step(make(), x)
+    layer = make()
+    for inp in (x, x, other, x):  # the same batch twice, a larger one (new work arrays), the first again
+        got = step(layer, inp)
+    for a, b in zip(got, want):
+        numpy.testing.assert_array_equal(a, b)
+
+
+def test_leaky_relu_slope_must_lie_in_unit_interval():
+    with pytest.raises(ValueError, match="slope"):
+        layers.LeakyReLU(1.5)
+    with pytest.raises(ValueError, match="slope"):
+        layers.LeakyReLU(-0.1)
+
+
+def test_blocked_elementwise_matches_whole_array(xp, monkeypatch):
+    """per_pixel / channel_sums in cache-sized blocks (and threads) equal the plain whole-array expressions."""
+    monkeypatch.setattr(layers, "BLOCK_NUMBERS", 64)  # many blocks, split among threads
+    x = backend.rng(22).standard_normal((6, 5, 7, 3)).astype(numpy.float32)
+    dy = backend.rng(23).standard_normal((6, 5, 7, 3)).astype(numpy.float32)
+    mean = x.reshape(-1, 3).mean(axis=0)
+    got = layers.per_pixel(layers._batchnorm_input_grad, [dy, x], [mean, mean, mean, mean])
+    numpy.testing.assert_array_equal(backend.to_host(got), backend.to_host(dy * mean + (x - mean) * mean + mean))
+    s1, s2 = layers.channel_sums(layers._grad_sums, [dy, x], [mean])
+    numpy.testing.assert_allclose(backend.to_host(s1), backend.to_host(dy.reshape(-1, 3).sum(axis=0)), rtol=1e-5)
+    numpy.testing.assert_allclose(backend.to_host(s2), backend.to_host((dy * (x - mean)).reshape(-1, 3).sum(axis=0)),
+                                  rtol=1e-5)
+
+
 def test_report_measured_errors(capsys):
     """Prints the largest relative error each layer reached (collected by the checks above)."""
     with capsys.disabled():
