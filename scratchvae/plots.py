@@ -1,6 +1,7 @@
 """Figures of a training run, drawn from its folder alone: ``log.csv``, ``eval.csv`` and ``checkpoint.npz``.
 
-``plot_run(out_dir)`` writes, with the names users of the derivation expect:
+``plot_run(run_dir)`` writes, with the names users of the derivation expect (``vae_mse`` is the
+reconstruction term, the squared error summed over pixels by default, whatever ``--recon`` is):
 
 * ``vae_mse.png``        the reconstruction term per step, raw and smoothed, with the held-out values;
 * ``vae_kld.png``        the KL term per step, likewise;
@@ -33,7 +34,10 @@ RECON_LABELS = {
 
 
 def smooth(values, window=None):
-    """A centred-free running mean: the mean of the last ``window`` values at each step (default ~2% of them)."""
+    """A trailing running mean: at each step, the mean of the last ``window`` values (default: 2% of them, 1 to 200).
+
+    Trailing rather than centred, so the smoothed curve never uses steps that come after the point drawn.
+    """
     values = np.asarray(values, dtype=float)
     if len(values) == 0:
         return values
