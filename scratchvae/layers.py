@@ -17,6 +17,7 @@ Nothing here imports NumPy: every array op goes through ``xp``, the module ownin
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ class Module:
         self.buffers = {}   # name -> array that is state but not trained (BatchNorm running stats)
         self.training = True
         self.input_grad = True  # False: backward skips dL/dx and returns None (a first layer, fed data)
+        self.recycle_outputs = False  # True inside a training step: see output_array
         self._work = {}     # name -> (signature, array): scratch arrays reused from step to step
 
     # -- the protocol -------------------------------------------------------------------------
@@ -66,6 +68,33 @@ class Module:
             entry = (signature, (xp.zeros if zero else xp.empty)(shape, dtype=dtype))
             self._work[name] = entry
         return entry[1]
+
+    def output_array(self, name, shape, dtype, xp):
+        """The array to write an output into: None, meaning "make a new one", unless ``recycle_outputs``.
+
+        Inside a training step (``recycling_outputs``) nothing a layer returns outlives the step, so each
+        output overwrites the same array as in the previous step: no fresh memory, whose first touch costs
+        the kernel a page fault per 4 KiB (some 4 ms for a 33 MB activation), is needed.
+        """
+        return self.work_array("output " + name, shape, dtype, xp) if self.recycle_outputs else None
+
+    def output_like(self, name, x):
+        """``output_array`` for an output of x's shape and dtype."""
+        return self.output_array(name, x.shape, x.dtype, array_module(x))
+
+    @contextlib.contextmanager
+    def recycling_outputs(self):
+        """Within the block, every layer below writes its outputs over those of its previous call
+        (``output_array``). Only for code whose results are all used up before the next call."""
+        modules = [m for _, m in self.named_modules()]
+        saved = [m.recycle_outputs for m in modules]
+        for m in modules:
+            m.recycle_outputs = True
+        try:
+            yield self
+        finally:
+            for m, flag in zip(modules, saved):
+                m.recycle_outputs = flag
 
     def padded(self, name, x, top, bottom, left, right):
         """NHWC ``x`` copied into the middle of a work array with zero borders of the given widths.
@@ -254,7 +283,7 @@ def subpixel_taps(k, s, p):
     return [(i, (i - p) % s, ((i - p) % s + p - i) // s) for i in range(k)]
 
 
-def transposed_conv(module, x, w, stride, padding, out_hw, bias=None):
+def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     r"""The transposed convolution of NHWC ``x`` by ``w (C_in, C_out, kh, kw)``, cropped to ``out_hw``.
 
     :math:`y[n, s h + i - p, s w' + j - p, o] \mathrel{+}= \sum_c x[n, h, w', c]\, W[c, o, i, j]`, computed in
@@ -264,7 +293,7 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None):
     rearranged as ``(rows*T*C_in, s*C_out)`` (a column block per column phase, zero where that phase lacks
     a tap; the bias rides on a column of ones); then interleave the phase images. For 3x3 kernels at
     stride 2, T = 2 and the products do 4/3 of the minimum arithmetic, in well-shaped matrix products and
-    with no scatter-add. ``module`` lends its work arrays.
+    with no scatter-add. ``module`` lends its work arrays (and ``name``\ s its output array).
     """
     xp = array_module(x)
     n, h, wd, cin = x.shape
@@ -288,7 +317,9 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None):
     if bias is not None:
         wsub[0] = bias  # every phase of every pixel
 
-    y = xp.empty((n, mh, s, mw, s, cout), dtype=col.dtype)
+    shape = (n, mh, s, mw, s, cout)
+    y = module.output_array(name, shape, col.dtype, xp)
+    y = xp.empty(shape, dtype=col.dtype) if y is None else y
     for a in range(s):
         # row phase a needs the window rows up to its last tap only: a leading block of col's columns
         rows = max((d - d0 + 1 for _, phase_a, d in taps_h if phase_a == a), default=0)
@@ -358,7 +389,9 @@ class Conv2d(Module):
         p = self.padding
         xpad = self.padded("x", x, p, p, p, p)
         self.col = gather(self, "col", xpad, 0, 0, oh, ow, self.kh, self.kw, self.stride, "b" in self.params)
-        return (self.col @ self._wmat()).reshape(n, oh, ow, self.out_channels)
+        xp = array_module(x)
+        y = xp.matmul(self.col, self._wmat(), out=self.output_array("y", (len(self.col), self.out_channels), x.dtype, xp))
+        return y.reshape(n, oh, ow, self.out_channels)
 
     def backward(self, dy):
         if self.multiply_first:
@@ -374,7 +407,7 @@ class Conv2d(Module):
             return None
         # dx: every output pixel sends dy W back over its window, i.e. the transposed convolution of dy
         # (Conv2d's W (out, in, kh, kw) is read as a transposed convolution's (in, out, kh, kw))
-        return transposed_conv(self, dy, self.params["W"], self.stride, self.padding, (h, w))
+        return transposed_conv(self, dy, self.params["W"], self.stride, self.padding, (h, w), name="dx")
 
     # -- stride 1, few output channels: multiply, then shift ---------------------------------------------
     def _shifts(self):
@@ -404,7 +437,8 @@ class Conv2d(Module):
         z = self.work_array("z", (self.kh * self.kw * cout, n * h * w), x.dtype, xp)
         xp.matmul(self._taps_by_input(), self.x2.T, out=z)
         z = z.reshape(self.kh, self.kw, cout, n, h, w)
-        y = xp.empty((cout, n, oh, ow), dtype=z.dtype)  # channel planes: each shift moves whole rows
+        y = self.output_array("y", (cout, n, oh, ow), z.dtype, xp)  # channel planes: shifts move whole rows
+        y = xp.empty((cout, n, oh, ow), dtype=z.dtype) if y is None else y
         y[...] = self.params["b"][:, None, None, None] if "b" in self.params else 0
         for i, j, (rows, cols), (in_rows, in_cols) in self._shifts():
             y[:, :, rows, cols] += z[i, j][:, :, in_rows, in_cols]
@@ -425,7 +459,10 @@ class Conv2d(Module):
         self.grads["W"] += dw.reshape(self.kh, self.kw, cout, c).transpose(2, 3, 0, 1)
         if "b" in self.params:
             self.grads["b"] += dy_planes.sum(axis=(1, 2, 3))
-        return (dz.T @ self._taps_by_input()).reshape(n, h, w, c) if self.input_grad else None
+        if not self.input_grad:
+            return None
+        dx = self.output_array("dx", (n * h * w, c), dy.dtype, xp)
+        return xp.matmul(dz.T, self._taps_by_input(), out=dx).reshape(n, h, w, c)
 
 
 class ConvTranspose2d(Module):
@@ -465,7 +502,7 @@ class ConvTranspose2d(Module):
         oh = (h - 1) * s - 2 * p + self.kh + self.output_padding
         ow = (w - 1) * s - 2 * p + self.kw + self.output_padding
         self.x2, self.in_hw = x.reshape(-1, c), (h, w)
-        return transposed_conv(self, x, self.params["W"], s, p, (oh, ow), self.params.get("b"))
+        return transposed_conv(self, x, self.params["W"], s, p, (oh, ow), self.params.get("b"), name="y")
 
     def backward(self, dy):
         xp = array_module(dy)
@@ -480,7 +517,10 @@ class ConvTranspose2d(Module):
         self.grads["W"] += dw.reshape(self.kh, self.kw, cout, self.in_channels).transpose(3, 2, 0, 1)
         if "b" in self.params:
             self.grads["b"] += channel_sums(_identity, [dy])
-        return (dcol @ self._wmat().T).reshape(n, h, w, self.in_channels) if self.input_grad else None
+        if not self.input_grad:
+            return None
+        dx = self.output_array("dx", (n * h * w, self.in_channels), dy.dtype, xp)
+        return xp.matmul(dcol, self._wmat().T, out=dx).reshape(n, h, w, self.in_channels)
 
 
 # ---- elementwise work, a cache-sized block at a time --------------------------------------------------------
@@ -523,17 +563,20 @@ def _in_threads(work, rows, step):
     return [work(cuts[0], cuts[1])] + [f.result() for f in others]
 
 
-def per_pixel(fn, arrays, params=()):
-    """``fn(*arrays, *params)``, an elementwise expression, evaluated in cache-sized blocks; a new array.
+def per_pixel(fn, arrays, params=(), out=None):
+    """``fn(*arrays, *params)``, an elementwise expression, evaluated in cache-sized blocks.
 
     ``arrays`` share one shape (..., C); ``params`` are scalars or per-channel vectors of shape (C,).
+    The result goes into ``out`` (a contiguous array of that shape) if given, else into a new array.
+    (On the GPU the fused kernel always returns a new array, from CuPy's memory pool.)
     """
     if backend.is_device_array(arrays[0]):
         return backend.fused(fn)(*arrays, *params)
     xp = array_module(*arrays)
     wide, params, _ = _wide_rows(arrays, params)
     step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
-    out = xp.empty(wide[0].shape, dtype=fn(*(a[:1] for a in wide), *params).dtype)
+    dtype = fn(*(a[:1] for a in wide), *params).dtype
+    out = xp.empty(wide[0].shape, dtype=dtype) if out is None else out.reshape(wide[0].shape)
 
     def work(lo, hi):
         for start in range(lo, hi, step):
@@ -637,7 +680,7 @@ class BatchNorm2d(Module):
         inv_std = 1.0 / array_module(x).sqrt(var + self.eps)
         scale = self.params["gamma"] * inv_std
         self.x, self.mean, self.inv_std = x, mean, inv_std
-        return per_pixel(_affine, [x], [scale, self.params["beta"] - mean * scale])
+        return per_pixel(_affine, [x], [scale, self.params["beta"] - mean * scale], out=self.output_like("y", x))
 
     def backward(self, dy):
         x, mean, inv_std = self.x, self.mean, self.inv_std
@@ -648,11 +691,12 @@ class BatchNorm2d(Module):
         self.grads["beta"] += sum_dy
         scale = self.params["gamma"] * inv_std
         if not self.training:
-            return per_pixel(_affine, [dy], [scale, 0.0])
+            return per_pixel(_affine, [dy], [scale, 0.0], out=self.output_like("dx", dy))
         # Through mean and variance: dx = gamma/sigma * (dy - mean(dy) - xhat * mean(dy * xhat)),
         # with xhat = (x - mean) / sigma: dy * scale + (x - mean) * k + c, per channel
         k = -scale * inv_std * sum_dy_xhat / m
-        return per_pixel(_batchnorm_input_grad, [dy, x], [scale, mean, k, -scale * sum_dy / m])
+        return per_pixel(_batchnorm_input_grad, [dy, x], [scale, mean, k, -scale * sum_dy / m],
+                         out=self.output_like("dx", dy))
 
 
 # ---- elementwise -----------------------------------------------------------------------------------
@@ -678,10 +722,10 @@ class LeakyReLU(Module):
 
     def forward(self, x):
         self.x = x
-        return per_pixel(_leaky_relu, [x], [self.slope])
+        return per_pixel(_leaky_relu, [x], [self.slope], out=self.output_like("y", x))
 
     def backward(self, dy):
-        return per_pixel(_leaky_relu_grad, [dy, self.x], [self.slope])
+        return per_pixel(_leaky_relu_grad, [dy, self.x], [self.slope], out=self.output_like("dx", dy))
 
 
 class ReLU(LeakyReLU):
@@ -705,11 +749,11 @@ class Sigmoid(Module):
     """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y)."""
 
     def forward(self, x):
-        self.y = per_pixel(_sigmoid, [x])
+        self.y = per_pixel(_sigmoid, [x], out=self.output_like("y", x))
         return self.y
 
     def backward(self, dy):
-        return per_pixel(_sigmoid_grad, [dy, self.y])
+        return per_pixel(_sigmoid_grad, [dy, self.y], out=self.output_like("dx", dy))
 
 
 class Tanh(Module):

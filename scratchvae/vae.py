@@ -376,7 +376,8 @@ class VAE(Module):
         """
         self.train()
         self.zero_grad()
-        loss, recon, kl = self.forward_backward(x, eps=eps, rng=rng)
+        with self.recycling_outputs():  # nothing the layers return outlives the step (see Module.output_array)
+            loss, recon, kl = self.forward_backward(x, eps=eps, rng=rng)
         logs = {"loss": to_float(loss), "recon": to_float(recon.mean()), "kl": to_float(kl.mean())}
         if not all(math.isfinite(v) for v in logs.values()):
             raise NonFiniteLossError(f"non-finite loss {logs}; parameters were not updated. Lower the "
