@@ -110,15 +110,6 @@ def as_strided(a, shape, strides):
     return numpy.lib.stride_tricks.as_strided(a, shape, strides, subok=True, writeable=False)
 
 
-def cpu_threads() -> int:
-    """Threads CPU work may use: $OPENBLAS_NUM_THREADS or $OMP_NUM_THREADS when set (the BLAS obeys them
-    too), otherwise every CPU this process may run on."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        if os.environ.get(var, "").strip().isdigit() and int(os.environ[var]) > 0:
-            return int(os.environ[var])
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 _FUSED = {}
 
 

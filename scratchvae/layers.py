@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 from . import backend
 from .backend import array_module
@@ -530,12 +528,9 @@ class ConvTranspose2d(Module):
 # of rows that fit in a core's cache, the intermediate results never leave the cache: memory sees every
 # input once and the output once. Blocks are viewed as rows of k*C numbers (k pixels side by side, the
 # per-channel vectors tiled k times), so that every NumPy inner loop runs over a thousand numbers, not C.
-# NumPy releases the interpreter lock inside each operation, so the blocks are shared among as many
-# threads as the BLAS uses (``backend.cpu_threads``). On the GPU the same expression becomes one fused
-# kernel (``backend.fused``).
+# On the GPU the same expression becomes one fused kernel (``backend.fused``).
 
 BLOCK_NUMBERS = 1 << 15  # numbers per block and array: a few such arrays fit in a core's L2 cache
-_pool = {"pid": None, "executor": None}
 
 
 def _wide_rows(arrays, params):
@@ -548,19 +543,6 @@ def _wide_rows(arrays, params):
         k *= 2
     wide = [a.reshape(pixels // k, k * c) for a in arrays]
     return wide, [xp.tile(p, k) if getattr(p, "ndim", 0) else p for p in params], k
-
-
-def _in_threads(work, rows, step):
-    """``work(lo, hi)`` on [0, rows) cut into one run of whole blocks per thread; the results, in order."""
-    blocks = -(-rows // step)
-    threads = min(backend.cpu_threads(), blocks)
-    cuts = [blocks * t // threads * step for t in range(threads)] + [rows]
-    if threads <= 1:
-        return [work(0, rows)]
-    if _pool["pid"] != os.getpid():  # a pool's threads do not survive a fork
-        _pool["pid"], _pool["executor"] = os.getpid(), ThreadPoolExecutor(max_workers=threads - 1)
-    others = [_pool["executor"].submit(work, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
-    return [work(cuts[0], cuts[1])] + [f.result() for f in others]
 
 
 def per_pixel(fn, arrays, params=(), out=None):
@@ -577,13 +559,9 @@ def per_pixel(fn, arrays, params=(), out=None):
     step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
     dtype = fn(*(a[:1] for a in wide), *params).dtype
     out = xp.empty(wide[0].shape, dtype=dtype) if out is None else out.reshape(wide[0].shape)
-
-    def work(lo, hi):
-        for start in range(lo, hi, step):
-            rows = slice(start, min(start + step, hi))
-            out[rows] = fn(*(a[rows] for a in wide), *params)
-
-    _in_threads(work, len(out), step)
+    for start in range(0, len(out), step):
+        rows = slice(start, start + step)
+        out[rows] = fn(*(a[rows] for a in wide), *params)
     return out.reshape(arrays[0].shape)
 
 
@@ -602,21 +580,15 @@ def channel_sums(fn, arrays, params=()):
     xp = array_module(*arrays)
     wide, params, k = _wide_rows(arrays, params)
     step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
-    several = isinstance(fn(*(a[:1] for a in wide), *params), tuple)
-
-    def work(lo, hi):
-        totals = None
-        for start in range(lo, hi, step):
-            values = fn(*(a[start:min(start + step, hi)] for a in wide), *params)
-            sums = [v.sum(axis=0) for v in (values if several else (values,))]
-            totals = [xp.zeros(len(v), dtype=xp.float64) for v in sums] if totals is None else totals
-            for total, v in zip(totals, sums):
-                total += v
-        return totals
-
-    parts = _in_threads(work, len(wide[0]), step)
-    out = tuple(sum(totals).reshape(k, -1).sum(axis=0).astype(first.dtype) for totals in zip(*parts))
-    return out if several else out[0]
+    totals = None
+    for start in range(0, len(wide[0]), step):
+        values = fn(*(a[start:start + step] for a in wide), *params)
+        sums = [v.sum(axis=0) for v in (values if isinstance(values, tuple) else (values,))]
+        totals = [xp.zeros(len(v), dtype=xp.float64) for v in sums] if totals is None else totals
+        for total, v in zip(totals, sums):
+            total += v
+    out = tuple(total.reshape(k, -1).sum(axis=0).astype(first.dtype) for total in totals)
+    return out if isinstance(values, tuple) else out[0]
 
 
 def _identity(x):

@@ -313,8 +313,8 @@ def test_leaky_relu_slope_must_lie_in_unit_interval():
 
 
 def test_blocked_elementwise_matches_whole_array(xp, monkeypatch):
-    """per_pixel / channel_sums in cache-sized blocks (and threads) equal the plain whole-array expressions."""
-    monkeypatch.setattr(layers, "BLOCK_NUMBERS", 64)  # many blocks, split among threads
+    """per_pixel / channel_sums in cache-sized blocks equal the plain whole-array expressions."""
+    monkeypatch.setattr(layers, "BLOCK_NUMBERS", 64)  # many blocks
     x = backend.rng(22).standard_normal((6, 5, 7, 3)).astype(numpy.float32)
     dy = backend.rng(23).standard_normal((6, 5, 7, 3)).astype(numpy.float32)
     mean = x.reshape(-1, 3).mean(axis=0)
