@@ -77,8 +77,10 @@ class Module:
         return self.work_array("output " + name, shape, dtype, xp) if self.recycle_outputs else None
 
     def output_like(self, name, x):
-        """``output_array`` for an output of x's shape and dtype."""
-        return self.output_array(name, x.shape, x.dtype, array_module(x))
+        """``output_array`` for an output of x's shape, dtype and memory layout (see ``memory_order``)."""
+        order = memory_order(x)
+        out = self.output_array(name, tuple(x.shape[i] for i in order), x.dtype, array_module(x))
+        return None if out is None else out.transpose(_inverse(order))
 
     @contextlib.contextmanager
     def recycling_outputs(self):
@@ -545,16 +547,34 @@ def _wide_rows(arrays, params):
     return wide, [xp.tile(p, k) if getattr(p, "ndim", 0) else p for p in params], k
 
 
+def memory_order(a):
+    """The axes of ``a`` from the one with the largest stride to the smallest: the order its numbers lie in memory."""
+    return sorted(range(a.ndim), key=lambda axis: -a.strides[axis])
+
+
+def _inverse(order):
+    return [order.index(axis) for axis in range(len(order))]
+
+
 def per_pixel(fn, arrays, params=(), out=None):
     """``fn(*arrays, *params)``, an elementwise expression, evaluated in cache-sized blocks.
 
     ``arrays`` share one shape (..., C); ``params`` are scalars or per-channel vectors of shape (C,).
-    The result goes into ``out`` (a contiguous array of that shape) if given, else into a new array.
+    The result goes into ``out`` (of that shape) if given, else into a new array. Without per-channel
+    vectors the arrays may lie in memory in any one order (channel planes, say): they are then read, and
+    the result written, in that order, with no transposing copy.
     (On the GPU the fused kernel always returns a new array, from CuPy's memory pool.)
     """
     if backend.is_device_array(arrays[0]):
         return backend.fused(fn)(*arrays, *params)
     xp = array_module(*arrays)
+    if not arrays[0].flags.c_contiguous and not any(getattr(p, "ndim", 0) for p in params):
+        order = memory_order(arrays[0])
+        in_memory_order = [a.transpose(order) for a in list(arrays) + ([] if out is None else [out])]
+        if all(a.flags.c_contiguous for a in in_memory_order):
+            result = per_pixel(fn, in_memory_order[:len(arrays)], params,
+                               None if out is None else in_memory_order[-1])
+            return result.transpose(_inverse(order))
     wide, params, _ = _wide_rows(arrays, params)
     step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
     dtype = fn(*(a[:1] for a in wide), *params).dtype
@@ -678,9 +698,9 @@ def _leaky_relu(x, slope):
 
 
 def _leaky_relu_grad(dy, x, slope):
-    # the slope of max(x, slope x) is 1 where x > 0 and slope elsewhere: max(sign(x), slope)
-    xp = array_module(dy)
-    return dy * xp.maximum(xp.sign(x), slope)
+    # the slope of max(x, slope x): 1 where x > 0, slope elsewhere (scalars of dy's type: no float64 temporaries)
+    one, s = dy.dtype.type(1), dy.dtype.type(slope)
+    return dy * ((x > 0) * (one - s) + s)
 
 
 class LeakyReLU(Module):

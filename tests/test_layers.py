@@ -1,5 +1,6 @@
 """Every layer against central finite differences (float64, relative error < 1e-6), the convolutions
 against naive loops, the Conv2d / ConvTranspose2d adjoint identity, BatchNorm modes and state dicts."""
+import contextlib
 import itertools
 
 import numpy
@@ -303,6 +304,48 @@ def test_work_arrays_reused_across_steps_give_identical_results(xp, f64, make, s
         got = step(layer, inp)
     for a, b in zip(got, want):
         numpy.testing.assert_array_equal(a, b)
+
+
+def test_elementwise_layers_keep_a_channel_planar_layout(xp):
+    """Sigmoid on channel planes (what the multiply-first conv returns) computes in that order, and returns it."""
+    planes = backend.rng(24).standard_normal((3, 2, 5, 4)).astype(numpy.float32)
+    x = planes.transpose(1, 2, 3, 0)  # NHWC, held as channel planes
+    layer = layers.Sigmoid()
+    for recycle in (False, True):
+        layer.recycle_outputs = recycle
+        y = layer.forward(x)
+        numpy.testing.assert_allclose(backend.to_host(y), 1 / (1 + numpy.exp(-backend.to_host(x))), rtol=1e-6)
+        dx = layer.backward(x)
+        numpy.testing.assert_allclose(backend.to_host(dx), backend.to_host(x * y * (1 - y)), rtol=1e-6)
+        if not backend.is_device_array(x):
+            assert y.transpose(3, 0, 1, 2).flags.c_contiguous and dx.transpose(3, 0, 1, 2).flags.c_contiguous
+
+
+def test_recycled_outputs_match_new_ones_and_end_with_the_block(xp, f64):
+    """Inside ``recycling_outputs`` (a training step) layers overwrite their previous outputs; results are the same."""
+    def make():
+        rng = backend.rng(25)
+        return layers.Sequential(
+            layers.Conv2d(2, 4, 3, stride=2, padding=1, rng=rng), layers.BatchNorm2d(4), layers.LeakyReLU(),
+            layers.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1, rng=rng), layers.BatchNorm2d(3),
+            layers.LeakyReLU(), layers.Conv2d(3, 2, 3, padding=1, rng=rng), layers.Sigmoid())
+    new, recycled = make(), make()
+    for seed in (26, 27, 26):
+        x = randn(xp, 3, 6, 8, 2, seed=seed)
+        results = []
+        for net in (new, recycled):
+            net.zero_grad()
+            with (net.recycling_outputs() if net is recycled else contextlib.nullcontext()):
+                y = net.forward(x)
+                dx = net.backward(randn(xp, *y.shape, seed=seed + 10))
+                results.append([backend.to_host(a).copy() for a in (y, dx, *(g for _, _, g in net.named_parameters()))])
+        for a, b in zip(*results):
+            numpy.testing.assert_array_equal(a, b)
+    assert not any(m.recycle_outputs for _, m in recycled.named_modules())
+    first = recycled.forward(randn(xp, 3, 6, 8, 2, seed=28))
+    kept = backend.to_host(first).copy()
+    recycled.forward(randn(xp, 3, 6, 8, 2, seed=29))
+    numpy.testing.assert_array_equal(backend.to_host(first), kept)  # outside the block: new arrays every call
 
 
 def test_leaky_relu_slope_must_lie_in_unit_interval():
