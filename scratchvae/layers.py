@@ -355,6 +355,7 @@ class Conv2d(Module):
     multiplied by all kh*kw taps at once (``(kh*kw*C_out, C_in) @ x^T``), and each output plane adds up the
     tap planes shifted by (i - pad, j - pad). That keeps kh*kw*C_out numbers per pixel instead of kh*kw*C_in
     (27 instead of 288 for the 32 -> 3 layer that ends the decoder), and the shifts move whole image rows.
+    Its output is returned as an NHWC view of NCHW memory, the images' own layout.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
@@ -437,18 +438,21 @@ class Conv2d(Module):
         z = self.work_array("z", (self.kh * self.kw * cout, n * h * w), x.dtype, xp)
         xp.matmul(self._taps_by_input(), self.x2.T, out=z)
         z = z.reshape(self.kh, self.kw, cout, n, h, w)
-        y = self.output_array("y", (cout, n, oh, ow), z.dtype, xp)  # channel planes: shifts move whole rows
-        y = xp.empty((cout, n, oh, ow), dtype=z.dtype) if y is None else y
-        y[...] = self.params["b"][:, None, None, None] if "b" in self.params else 0
+        # the output is held as image planes, NCHW, where every shift moves whole rows (and which is the
+        # layout the images, and so the loss, have)
+        y = self.output_array("y", (n, cout, oh, ow), z.dtype, xp)
+        y = xp.empty((n, cout, oh, ow), dtype=z.dtype) if y is None else y
+        planes = y.transpose(1, 0, 2, 3)  # (C_out, N, OH, OW), like z[i, j]
+        planes[...] = self.params["b"][:, None, None, None] if "b" in self.params else 0
         for i, j, (rows, cols), (in_rows, in_cols) in self._shifts():
-            y[:, :, rows, cols] += z[i, j][:, :, in_rows, in_cols]
-        return y.transpose(1, 2, 3, 0)  # NHWC, held as channel planes
+            planes[:, :, rows, cols] += z[i, j][:, :, in_rows, in_cols]
+        return y.transpose(0, 2, 3, 1)  # NHWC in shape, NCHW in memory
 
     def _backward_multiply_first(self, dy):
         xp = array_module(dy)
         n, h, w, c = self.x_shape
         cout = self.out_channels
-        dy_planes = xp.ascontiguousarray(dy.transpose(3, 0, 1, 2))  # no copy when dy came back as planes
+        dy_planes = dy.transpose(3, 0, 1, 2)  # (C_out, N, OH, OW): whole rows when dy came back as image planes
         # dz[i, j, o] = dy[o] shifted back to the input pixels tap (i, j) read; zero where it read padding.
         # The same pixels are written every call, so the zeros of the first call stay.
         dz = self.work_array("dz", (self.kh, self.kw, cout, n, h, w), dy.dtype, xp, zero=True)
@@ -561,7 +565,7 @@ def per_pixel(fn, arrays, params=(), out=None):
 
     ``arrays`` share one shape (..., C); ``params`` are scalars or per-channel vectors of shape (C,).
     The result goes into ``out`` (of that shape) if given, else into a new array. Without per-channel
-    vectors the arrays may lie in memory in any one order (channel planes, say): they are then read, and
+    vectors the arrays may lie in memory in any one order (image planes, say): they are then read, and
     the result written, in that order, with no transposing copy.
     (On the GPU the fused kernel always returns a new array, from CuPy's memory pool.)
     """

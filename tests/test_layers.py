@@ -307,9 +307,9 @@ def test_work_arrays_reused_across_steps_give_identical_results(xp, f64, make, s
 
 
 def test_elementwise_layers_keep_a_channel_planar_layout(xp):
-    """Sigmoid on channel planes (what the multiply-first conv returns) computes in that order, and returns it."""
-    planes = backend.rng(24).standard_normal((3, 2, 5, 4)).astype(numpy.float32)
-    x = planes.transpose(1, 2, 3, 0)  # NHWC, held as channel planes
+    """Sigmoid on image planes (what the multiply-first conv returns) computes in that order, and returns it."""
+    planes = backend.rng(24).standard_normal((2, 3, 5, 4)).astype(numpy.float32)
+    x = planes.transpose(0, 2, 3, 1)  # NHWC, held as NCHW
     layer = layers.Sigmoid()
     for recycle in (False, True):
         layer.recycle_outputs = recycle
@@ -318,7 +318,7 @@ def test_elementwise_layers_keep_a_channel_planar_layout(xp):
         dx = layer.backward(x)
         numpy.testing.assert_allclose(backend.to_host(dx), backend.to_host(x * y * (1 - y)), rtol=1e-6)
         if not backend.is_device_array(x):
-            assert y.transpose(3, 0, 1, 2).flags.c_contiguous and dx.transpose(3, 0, 1, 2).flags.c_contiguous
+            assert y.transpose(0, 3, 1, 2).flags.c_contiguous and dx.transpose(0, 3, 1, 2).flags.c_contiguous
 
 
 def test_recycled_outputs_match_new_ones_and_end_with_the_block(xp, f64):
