@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default: 64 128)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 10, quick 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="fresh processes per configuration, frameworks alternating (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
@@ -45,6 +47,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.batches = args.batches or ([64] if args.quick else [64, 128])
     args.steps = args.steps or (3 if args.quick else 10)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     return args
 
 
@@ -266,14 +269,28 @@ def torch_available():
     return importlib.util.find_spec("torch") is not None
 
 
+def merge_rounds(runs):
+    """One result from several processes: their median step times, and the largest peak memory."""
+    runs = [r for r in runs if r]
+    if not runs:
+        return None
+    merged = dict(runs[0])
+    merged["step_s"] = sorted(r["step_s"][len(r["step_s"]) // 2] for r in runs)
+    for key in ("peak_rss_mb", "peak_device_mb"):
+        if key in merged:
+            merged[key] = max(r[key] for r in runs)
+    return merged
+
+
 def summarize(result, batch):
     med = result["step_s"][len(result["step_s"]) // 2]
     return batch / med, med * 1e3
 
 
 def print_throughput(results, frameworks, args):
-    print("\n== Training step (forward + backward + Adam), images/s (median step) ==")
-    head = f"{'preset':8s} {'batch':>5s}  " + "  ".join(f"{fw:>22s}" for fw in frameworks)
+    print(f"\n== Training step (forward + backward + Adam), images/s: median step, median of {args.rounds} process(es);"
+          " [slowest - fastest process] ==")
+    head = f"{'preset':8s} {'batch':>5s}  " + "  ".join(f"{fw:>33s}" for fw in frameworks)
     print(head)
     for preset in args.presets:
         for batch in args.batches:
@@ -281,10 +298,11 @@ def print_throughput(results, frameworks, args):
             for fw in frameworks:
                 r = results.get((fw, preset, batch))
                 if r is None:
-                    cells.append(f"{'-':>22s}")
+                    cells.append(f"{'-':>33s}")
                     continue
                 ips, ms = summarize(r, batch)
-                cells.append(f"{ips:8.1f} img/s {ms:7.1f} ms")
+                spread = f"[{batch / max(r['step_s']):.0f}-{batch / min(r['step_s']):.0f}]"
+                cells.append(f"{ips:7.1f} {spread:>9s} img/s {ms:6.0f} ms")
             print(f"{preset:8s} {batch:5d}  " + "  ".join(cells))
 
 
@@ -392,13 +410,17 @@ def main(argv=None):
     results = {}
     for preset in args.presets:
         for batch in args.batches:
+            runs = {fw: [] for fw in frameworks}
+            for _ in range(args.rounds):  # alternate the frameworks, so that both see the same disturbances
+                for fw in frameworks:
+                    r = run_worker(fw, preset, batch, args)
+                    runs[fw].append(r)
+                    if r:
+                        ips, ms = summarize(r, batch)
+                        print(f"  {fw:>14s} {preset:8s} batch {batch:4d}: {ips:7.1f} img/s  ({ms:.1f} ms/step, "
+                              f"best {min(r['step_s']) * 1e3:.1f}, peak RSS {r['peak_rss_mb']:.0f} MB)", flush=True)
             for fw in frameworks:
-                results[(fw, preset, batch)] = run_worker(fw, preset, batch, args)
-                r = results[(fw, preset, batch)]
-                if r:
-                    ips, ms = summarize(r, batch)
-                    print(f"  {fw:>14s} {preset:8s} batch {batch:4d}: {ips:7.1f} img/s  ({ms:.1f} ms/step, "
-                          f"best {min(r['step_s']) * 1e3:.1f}, peak RSS {r['peak_rss_mb']:.0f} MB)", flush=True)
+                results[(fw, preset, batch)] = merge_rounds(runs[fw])
 
     print_throughput(results, frameworks, args)
     pairs = [(o, t) for o, t in (("scratchvae-cpu", "torch-cpu"), ("scratchvae-gpu", "torch-gpu"))
