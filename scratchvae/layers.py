@@ -564,9 +564,9 @@ def per_pixel(fn, arrays, params=(), out=None):
     """``fn(*arrays, *params)``, an elementwise expression, evaluated in cache-sized blocks.
 
     ``arrays`` share one shape (..., C); ``params`` are scalars or per-channel vectors of shape (C,).
-    The result goes into ``out`` (of that shape) if given, else into a new array. Without per-channel
-    vectors the arrays may lie in memory in any one order (image planes, say): they are then read, and
-    the result written, in that order, with no transposing copy.
+    The result, of the arrays' dtype, goes into ``out`` (of their shape) if given, else into a new array.
+    Without per-channel vectors the arrays may lie in memory in any one order (image planes, say): they
+    are then read, and the result written, in that order, with no transposing copy.
     (On the GPU the fused kernel always returns a new array, from CuPy's memory pool.)
     """
     if backend.is_device_array(arrays[0]):
@@ -581,8 +581,7 @@ def per_pixel(fn, arrays, params=(), out=None):
             return result.transpose(_inverse(order))
     wide, params, _ = _wide_rows(arrays, params)
     step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
-    dtype = fn(*(a[:1] for a in wide), *params).dtype
-    out = xp.empty(wide[0].shape, dtype=dtype) if out is None else out.reshape(wide[0].shape)
+    out = xp.empty(wide[0].shape, dtype=arrays[0].dtype) if out is None else out.reshape(wide[0].shape)
     for start in range(0, len(out), step):
         rows = slice(start, start + step)
         out[rows] = fn(*(a[rows] for a in wide), *params)
