@@ -596,8 +596,8 @@ def channel_sums(fn, arrays, params=()):
     float32 numbers stays accurate.
     """
     first = arrays[0]
-    if backend.is_device_array(first):
-        values = backend.fused(fn)(*arrays, *params)
+    if backend.is_device_array(first):  # whole arrays: the GPU needs no blocks (and plain CuPy ops, no fusion)
+        values = fn(*arrays, *params)
         axes = tuple(range(first.ndim - 1))
         return tuple(v.sum(axis=axes) for v in values) if isinstance(values, tuple) else values.sum(axis=axes)
     xp = array_module(*arrays)
@@ -701,9 +701,8 @@ def _leaky_relu(x, slope):
 
 
 def _leaky_relu_grad(dy, x, slope):
-    # the slope of max(x, slope x): 1 where x > 0, slope elsewhere (scalars of dy's type: no float64 temporaries)
-    one, s = dy.dtype.type(1), dy.dtype.type(slope)
-    return dy * ((x > 0) * (one - s) + s)
+    # the slope of max(x, slope x): 1 where x > 0, slope elsewhere
+    return dy * ((x > 0) * (1 - slope) + slope)
 
 
 class LeakyReLU(Module):
@@ -720,7 +719,8 @@ class LeakyReLU(Module):
         return per_pixel(_leaky_relu, [x], [self.slope], out=self.output_like("y", x))
 
     def backward(self, dy):
-        return per_pixel(_leaky_relu_grad, [dy, self.x], [self.slope], out=self.output_like("dx", dy))
+        slope = dy.dtype.type(self.slope)  # a scalar of dy's type: (x > 0) * (1 - slope) stays float32
+        return per_pixel(_leaky_relu_grad, [dy, self.x], [slope], out=self.output_like("dx", dy))
 
 
 class ReLU(LeakyReLU):
