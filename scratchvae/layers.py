@@ -77,7 +77,12 @@ class Module:
         return self.work_array("output " + name, shape, dtype, xp) if self.recycle_outputs else None
 
     def output_like(self, name, x):
-        """``output_array`` for an output of x's shape, dtype and memory layout (see ``memory_order``)."""
+        """``output_array`` for an output of x's shape, dtype and memory layout (see ``memory_order``).
+
+        None on the GPU, where these outputs come from fused kernels (``per_pixel``) and CuPy's memory pool.
+        """
+        if backend.is_device_array(x):
+            return None
         order = memory_order(x)
         out = self.output_array(name, tuple(x.shape[i] for i in order), x.dtype, array_module(x))
         return None if out is None else out.transpose(_inverse(order))
