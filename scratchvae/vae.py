@@ -308,6 +308,7 @@ class VAE(Module):
         dh = self.fc_mu.backward(dmu) + self.fc_logvar.backward(dlogvar * self._logvar_free)
         self.encoder[0].input_grad = input_grad
         dx = self.encoder.backward(dh)
+        self.encoder[0].input_grad = True  # only for this call
         return None if dx is None else dx.transpose(0, 3, 1, 2)
 
     def decode(self, z):
