@@ -12,6 +12,11 @@ output ``(N*OH*OW, C_out)`` already *is* the next activation: no transposes betw
 PyTorch's layouts so a reader can compare: Linear ``W (out, in)``, Conv2d ``W (out, in, kh, kw)``,
 ConvTranspose2d ``W (in, out, kh, kw)``, biases ``b (out,)``, BatchNorm ``gamma``, ``beta``.
 
+Speed without a second, slow path: convolutions gather kernel windows through one strided view and
+multiply once (no scatter-adds); elementwise layers run in cache-sized blocks (one fused kernel on the
+GPU); scratch arrays live from step to step (``Module.work_array``), and inside a training step layers
+overwrite their previous outputs (``Module.recycling_outputs``). See ``benchmarks/README.md`` for figures.
+
 Nothing here imports NumPy: every array op goes through ``xp``, the module owning the arrays
 (NumPy or CuPy, see ``backend``).
 """
