@@ -606,11 +606,14 @@ def channel_sums(fn, arrays, params=()):
     float32 numbers stays accurate.
     """
     first = arrays[0]
+    xp = array_module(*arrays)
     if backend.is_device_array(first):  # whole arrays: the GPU needs no blocks (and plain CuPy ops, no fusion)
         values = fn(*arrays, *params)
         axes = tuple(range(first.ndim - 1))
-        return tuple(v.sum(axis=axes) for v in values) if isinstance(values, tuple) else values.sum(axis=axes)
-    xp = array_module(*arrays)
+
+        def total(v):  # accumulated in float64, as on the CPU
+            return v.sum(axis=axes, dtype=xp.float64).astype(first.dtype)
+        return tuple(total(v) for v in values) if isinstance(values, tuple) else total(values)
     wide, params, k = _wide_rows(arrays, params)
     step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
     totals = None

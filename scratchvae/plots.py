@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from . import backend
 from .train import CHECKPOINT, EVAL, LOG, SAMPLE_STREAM, load_checkpoint, read_csv
-from .vae import VAE
+from .vae import VAE, kl_per_dimension
 
 DPI = 100
 RECON_LABELS = {
@@ -113,6 +113,8 @@ def _host(a):
 
 def plot_reconstructions(model, x, path, ncol=8, scale=2):
     """Held-out images (rows 1, 3, ...) above their reconstructions from the posterior means (rows 2, 4, ...)."""
+    ncol = min(ncol, len(x))
+    x = x[:len(x) // ncol * ncol]  # whole rows only, so every original sits right above its reconstruction
     recon = _host(model.reconstruct(x))
     x = _host(x)
     rows = []
@@ -132,7 +134,10 @@ def plot_samples(model, path, n=64, seed=0, scale=2):
 
 def plot_interpolation(model, x, path, steps=8, pairs=4, scale=2):
     """Rows of decodes along the line between two held-out images' posterior means, originals at the ends."""
-    model.eval()  # BatchNorm with its running statistics, as at test time
+    return model.in_eval(lambda: _plot_interpolation(model, x, path, steps, pairs, scale))
+
+
+def _plot_interpolation(model, x, path, steps, pairs, scale):
     pairs = min(pairs, len(x) // 2)
     mu = model.encode(x)[0]
     xp = backend.array_module(mu)
@@ -153,9 +158,12 @@ def plot_traversal(model, x, path, dims=8, steps=9, span=3.0, scale=2):
     The KL per dimension tells which dimensions the encoder uses: one with KL ~ 0 has collapsed to the
     prior and changes nothing. All rows start from the posterior mean of the first held-out image.
     """
-    model.eval()
+    return model.in_eval(lambda: _plot_traversal(model, x, path, dims, steps, span, scale))
+
+
+def _plot_traversal(model, x, path, dims, steps, span, scale):
     mu, logvar = model.encode(x)
-    kl_dim = _host(0.5 * (mu * mu + backend.array_module(mu).exp(logvar) - logvar - 1).mean(axis=0))
+    kl_dim = _host(kl_per_dimension(mu, logvar).mean(axis=0))
     order = np.argsort(-kl_dim)[:min(dims, model.latent_dim)]
     xp = backend.array_module(mu)
     values = xp.linspace(-span, span, steps, dtype=mu.dtype)

@@ -19,7 +19,7 @@ import json
 import math
 
 from . import backend
-from .backend import array_module, to_float, to_host
+from .backend import array_module, to_float
 from .layers import (BatchNorm2d, Conv2d, ConvTranspose2d, Flatten, LeakyReLU, Linear, Module, Reshape,
                      Sequential, Sigmoid)
 
@@ -53,13 +53,18 @@ def reparameterize_backward(dz, logvar, eps):
 
 # ---- 2. The KL divergence to the prior, in closed form --------------------------------------------------
 
+def kl_per_dimension(mu, logvar):
+    r"""The KL's terms, one per latent dimension: :math:`\tfrac12 (\mu_j^2 + e^{\mathrm{logvar}_j} - \mathrm{logvar}_j - 1)`, ``(N, d)``."""
+    xp = array_module(mu)
+    return 0.5 * (mu * mu + xp.exp(logvar) - logvar - 1)
+
+
 def kl_divergence(mu, logvar):
-    r"""KL(N(mu, diag(exp(logvar))) || N(0, I)) per image: :math:`\tfrac12 \sum_j (\mu_j^2 + e^{\mathrm{logvar}_j} - \mathrm{logvar}_j - 1)`.
+    r"""KL(N(mu, diag(exp(logvar))) || N(0, I)) per image: the sum over dimensions of ``kl_per_dimension``.
 
     Returns ``(N,)`` in nats.
     """
-    xp = array_module(mu)
-    return 0.5 * (mu * mu + xp.exp(logvar) - logvar - 1).sum(axis=1)
+    return kl_per_dimension(mu, logvar).sum(axis=1)
 
 
 def kl_divergence_backward(dkl, mu, logvar):
@@ -306,9 +311,12 @@ class VAE(Module):
         dL/dx, its costliest product, and None is returned.
         """
         dh = self.fc_mu.backward(dmu) + self.fc_logvar.backward(dlogvar * self._logvar_free)
-        self.encoder[0].input_grad = input_grad
-        dx = self.encoder.backward(dh)
-        self.encoder[0].input_grad = True  # only for this call
+        first, saved = self.encoder[0], self.encoder[0].input_grad
+        first.input_grad = input_grad
+        try:
+            dx = self.encoder.backward(dh)
+        finally:
+            first.input_grad = saved  # only for this call
         return None if dx is None else dx.transpose(0, 3, 1, 2)
 
     def decode(self, z):
@@ -373,21 +381,27 @@ class VAE(Module):
     def train_step(self, x, optimizer, eps=None, rng=None):
         """One update: forward, loss, backward, optimiser step. Returns the logged scalars as Python floats.
 
-        Raises NonFiniteLossError (and leaves the parameters untouched) if the loss is NaN or Inf.
+        Raises NonFiniteLossError, leaving parameters and BatchNorm statistics untouched, if the loss is NaN or Inf.
         """
         self.train()
         self.zero_grad()
+        # BatchNorm updates its running statistics during the forward pass: keep them, to put them back
+        # if this batch's loss turns out NaN (they are small vectors)
+        saved_buffers = {name: b.copy() for name, b in self.named_buffers()}
         with self.recycling_outputs():  # nothing the layers return outlives the step (see Module.output_array)
             loss, recon, kl = self.forward_backward(x, eps=eps, rng=rng)
         logs = {"loss": to_float(loss), "recon": to_float(recon.mean()), "kl": to_float(kl.mean())}
         if not all(math.isfinite(v) for v in logs.values()):
-            raise NonFiniteLossError(f"non-finite loss {logs}; parameters were not updated. Lower the "
-                                     "learning rate, or check the input batch for NaN pixels.")
+            for name, b in self.named_buffers():
+                b[...] = saved_buffers[name]
+            raise NonFiniteLossError(f"non-finite loss {logs}; parameters and BatchNorm statistics were not "
+                                     "updated. Lower the learning rate, or check the input batch for NaN pixels.")
         optimizer.step()
         return logs
 
     # -- using a trained model --------------------------------------------------------------------------------
-    def _in_eval(self, fn):
+    def in_eval(self, fn):
+        """``fn()`` run with the model in eval mode (BatchNorm on running statistics); the mode is restored after."""
         was_training = self.training
         self.eval()
         try:
@@ -403,11 +417,11 @@ class VAE(Module):
         """n images ``(n, C, H, W)`` in [0, 1] decoded from z ~ N(0, I) (eval-mode BatchNorm)."""
         rng = rng or self.rng
         z = rng.standard_normal((n, self.latent_dim)).astype(backend.get_default_dtype())
-        return self._in_eval(lambda: self.output_to_image(self.decode(z)))
+        return self.in_eval(lambda: self.output_to_image(self.decode(z)))
 
     def reconstruct(self, x):
         """Decodes of the posterior means mu(x): images ``(N, C, H, W)`` in [0, 1] (eval mode)."""
-        return self._in_eval(lambda: self.output_to_image(self.decode(self.encode(x)[0])))
+        return self.in_eval(lambda: self.output_to_image(self.decode(self.encode(x)[0])))
 
     def evaluate(self, x, eps=None, rng=None):
         """Held-out figures for a batch, no update, eval-mode BatchNorm. Python floats, per image unless noted:
@@ -432,7 +446,7 @@ class VAE(Module):
             return {"neg_elbo_nats": nats, "bits_per_dim": nats / (num_pixels * math.log(2)),
                     "recon": to_float(recon.mean()), "kl": to_float(kl.mean()),
                     "loss": to_float((recon + self.beta * kl).mean()), "mse": to_float(mse)}
-        return self._in_eval(run)
+        return self.in_eval(run)
 
     # -- saving -------------------------------------------------------------------------------------------------
     def save(self, path):

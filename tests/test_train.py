@@ -387,3 +387,24 @@ def test_resuming_a_finished_run_trains_nothing_and_reevaluates_if_needed(tmp_pa
     assert "nothing to train" in capsys.readouterr().out
     assert (out / "log.csv").read_bytes() == log_before
     assert [int(r["step"]) for r in rows(out / "eval.csv")] == [PER_EPOCH]
+
+
+def test_figure_helpers_leave_the_model_in_its_mode_and_keep_rows_aligned(tmp_path):
+    """Plotting switches BatchNorm to eval for its decodes and back; a partial last row is dropped."""
+    from scratchvae import plots
+    model = VAE(image_size=16, preset="tiny")
+    x = backend.to_device(numpy.random.default_rng(0).random((12, 3, 16, 16)), numpy.float32)
+    for draw in (lambda: plots.plot_interpolation(model, x, tmp_path / "i.png"),
+                 lambda: plots.plot_traversal(model, x, tmp_path / "t.png"),
+                 lambda: plots.plot_reconstructions(model, x, tmp_path / "r.png", ncol=8)):
+        model.train()
+        draw()
+        assert model.training
+    seen = {}
+    real_grid = plots.image_grid
+    plots.image_grid = lambda images, ncol: seen.setdefault("n", (len(images), ncol)) and real_grid(images, ncol)
+    try:
+        plots.plot_reconstructions(model, x, tmp_path / "r.png", ncol=8)
+    finally:
+        plots.image_grid = real_grid
+    assert seen["n"] == (16, 8)  # one whole row of 8 originals above its 8 reconstructions; 4 images left out

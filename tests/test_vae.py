@@ -274,12 +274,13 @@ def test_save_and_load_round_trip(xp, tmp_path):
 
 def test_train_step_refuses_a_nan_batch_without_updating(xp):
     model = VAE(image_size=16, preset="tiny")
-    before = {n: host(p).copy() for n, p, _ in model.named_parameters()}
+    before = {n: host(p).copy() for n, p in model.state_dict().items()}
+    assert any("running_mean" in n for n in before)
     x = xp.full((2, 3, 16, 16), float("nan"), dtype=numpy.float32)
     with pytest.raises(vae.NonFiniteLossError, match="not updated"):
         model.train_step(x, Adam(model))
-    for n, p, _ in model.named_parameters():
-        numpy.testing.assert_array_equal(host(p), before[n])
+    for n, p in model.state_dict().items():  # parameters and BatchNorm's running statistics
+        numpy.testing.assert_array_equal(host(p), before[n], err_msg=n)
 
 
 def test_bad_configurations_are_refused():
