@@ -141,7 +141,7 @@ def to_host(a) -> numpy.ndarray:
 
 
 def to_float(a) -> float:
-    """A 0-d array as a Python float: the only host transfer a training step makes."""
+    """A 0-d array as a Python float (a host transfer: for logged scalars only)."""
     return float(to_host(a))
 
 

@@ -19,7 +19,7 @@ import json
 import math
 
 from . import backend
-from .backend import array_module, to_float
+from .backend import array_module, to_float, to_host
 from .layers import (BatchNorm2d, Conv2d, ConvTranspose2d, Flatten, LeakyReLU, Linear, Module, Reshape,
                      Sequential, Sigmoid)
 
@@ -390,7 +390,9 @@ class VAE(Module):
         saved_buffers = {name: b.copy() for name, b in self.named_buffers()}
         with self.recycling_outputs():  # nothing the layers return outlives the step (see Module.output_array)
             loss, recon, kl = self.forward_backward(x, eps=eps, rng=rng)
-        logs = {"loss": to_float(loss), "recon": to_float(recon.mean()), "kl": to_float(kl.mean())}
+        # the step's one transfer to the host: the three logged scalars together
+        scalars = to_host(array_module(loss).stack([loss, recon.mean(), kl.mean()]))
+        logs = {"loss": float(scalars[0]), "recon": float(scalars[1]), "kl": float(scalars[2])}
         if not all(math.isfinite(v) for v in logs.values()):
             for name, b in self.named_buffers():
                 b[...] = saved_buffers[name]
