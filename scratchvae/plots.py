@@ -107,16 +107,12 @@ def _show_grid(path, grid, title, scale=2, ylabels=None, cell=None):
     return path
 
 
-def _host(a):
-    return backend.to_host(a)
-
-
 def plot_reconstructions(model, x, path, ncol=8, scale=2):
     """Held-out images (rows 1, 3, ...) above their reconstructions from the posterior means (rows 2, 4, ...)."""
     ncol = min(ncol, len(x))
     x = x[:len(x) // ncol * ncol]  # whole rows only, so every original sits right above its reconstruction
-    recon = _host(model.reconstruct(x))
-    x = _host(x)
+    recon = backend.to_host(model.reconstruct(x))
+    x = backend.to_host(x)
     rows = []
     for i in range(0, len(x), ncol):
         rows += [x[i:i + ncol], recon[i:i + ncol]]
@@ -128,7 +124,7 @@ def plot_reconstructions(model, x, path, ncol=8, scale=2):
 
 def plot_samples(model, path, n=64, seed=0, scale=2):
     """Decodes of ``n`` latents z ~ N(0, I): what the model generates."""
-    images = _host(model.sample(n, rng=backend.rng((seed, SAMPLE_STREAM))))
+    images = backend.to_host(model.sample(n, rng=backend.rng((seed, SAMPLE_STREAM))))
     return _show_grid(path, image_grid(images, int(math.sqrt(n))), "samples: decoder(z), z ~ N(0, I)", scale)
 
 
@@ -146,8 +142,8 @@ def _plot_interpolation(model, x, path, steps, pairs, scale):
     for p in range(pairs):
         a, b = 2 * p, 2 * p + 1
         z = (1 - t) * mu[a] + t * mu[b]
-        decoded = _host(model.output_to_image(model.decode(z)))
-        rows += [_host(x[a:a + 1]), decoded, _host(x[b:b + 1])]
+        decoded = backend.to_host(model.output_to_image(model.decode(z)))
+        rows += [backend.to_host(x[a:a + 1]), decoded, backend.to_host(x[b:b + 1])]
     return _show_grid(path, image_grid(np.concatenate(rows), steps + 2),
                       "interpolation: original | decodes of (1-t) mu_a + t mu_b, t = 0..1 | original", scale)
 
@@ -163,7 +159,7 @@ def plot_traversal(model, x, path, dims=8, steps=9, span=3.0, scale=2):
 
 def _plot_traversal(model, x, path, dims, steps, span, scale):
     mu, logvar = model.encode(x)
-    kl_dim = _host(kl_per_dimension(mu, logvar).mean(axis=0))
+    kl_dim = backend.to_host(kl_per_dimension(mu, logvar).mean(axis=0))
     order = np.argsort(-kl_dim)[:min(dims, model.latent_dim)]
     xp = backend.array_module(mu)
     values = xp.linspace(-span, span, steps, dtype=mu.dtype)
@@ -171,7 +167,7 @@ def _plot_traversal(model, x, path, dims, steps, span, scale):
     for j in order:
         z = xp.repeat(mu[:1], steps, axis=0)
         z[:, int(j)] = values
-        rows.append(_host(model.output_to_image(model.decode(z))))
+        rows.append(backend.to_host(model.output_to_image(model.decode(z))))
     labels = [f"z[{j}]  KL {kl_dim[j]:.2f}" for j in order]
     h = x.shape[2]
     return _show_grid(path, image_grid(np.concatenate(rows), steps),
@@ -203,8 +199,7 @@ def plot_run(run_dir, dest=None, scale=2, colors=None) -> list:
     paths.append(plot_curve(out / "vae_kld.png", steps, kl, esteps, ekl,
                             "KL(q(z|x) || p(z)) per image", "nats", log_scale=False))
 
-    model = VAE.from_config(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
+    model = VAE.from_arrays(ckpt["arrays"])
     model.eval()
     x = as_batch(ckpt["arrays"]["heldout/images"])
     seed = int(ckpt["meta"]["seed"])

@@ -238,8 +238,7 @@ def save_checkpoint(path, model, optimizer, meta, extra=None) -> None:
     (step, epoch, batch in epoch, seed, the training config, the RNG recipe). Atomic: the file is
     replaced whole or not at all, and no pickle is involved.
     """
-    arrays = {"config": json.dumps(model.config), "meta": json.dumps(meta)}
-    arrays.update({f"model/{k}": v for k, v in model.state_dict().items()})
+    arrays = {**model.to_arrays(), "meta": json.dumps(meta)}
     arrays.update({f"optim/{k}": v for k, v in optimizer.state_dict().items()})
     arrays.update(extra or {})
     backend.save_npz(path, arrays)

@@ -451,10 +451,21 @@ class VAE(Module):
         return self.in_eval(run)
 
     # -- saving -------------------------------------------------------------------------------------------------
+    def to_arrays(self):
+        """The config (as JSON) and every parameter and buffer under ``model/<name>``: what files store."""
+        arrays = {f"model/{k}": v for k, v in self.state_dict().items()}
+        return {"config": json.dumps(self.config), **arrays}
+
+    @classmethod
+    def from_arrays(cls, arrays):
+        """A VAE rebuilt from ``to_arrays``'s entries (other entries, such as a checkpoint's, are ignored)."""
+        model = cls.from_config(json.loads(str(arrays["config"])))
+        model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
+        return model
+
     def save(self, path):
         """Write every parameter and buffer, and the config, to an ``.npz`` file (no pickle), atomically."""
-        arrays = {f"model/{k}": v for k, v in self.state_dict().items()}
-        backend.save_npz(path, {"config": json.dumps(self.config), **arrays})
+        backend.save_npz(path, self.to_arrays())
 
     @classmethod
     def from_config(cls, config):
@@ -464,10 +475,7 @@ class VAE(Module):
     @classmethod
     def load(cls, path):
         """Build a VAE from a file written by ``save`` (or a training checkpoint) and load its state."""
-        arrays = backend.load_npz(path)
-        model = cls.from_config(json.loads(str(arrays["config"])))
-        model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
-        return model
+        return cls.from_arrays(backend.load_npz(path))
 
 
 _VAE_ARGS = ("image_size", "channels", "latent_dim", "in_channels", "recon", "recon_variance", "beta",
