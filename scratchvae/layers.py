@@ -62,8 +62,9 @@ class Module:
         """A scratch array kept from call to call instead of being allocated anew every step.
 
         Allocated (zero-filled if ``zero``) on first use and whenever ``shape``, ``dtype``, device or
-        ``tag`` change; otherwise handed back exactly as the last call left it. Only ever used for
-        arrays that stay inside the layer (padded inputs, gathered windows), never for outputs.
+        ``tag`` change; otherwise handed back exactly as the last call left it. Used for arrays that stay
+        inside the layer (padded inputs, gathered windows), and for outputs only through ``output_array``,
+        i.e. inside a training step, where no output outlives the step.
         """
         signature = (tuple(shape), xp.dtype(dtype), xp, tag)
         entry = self._work.get(name)
