@@ -430,7 +430,8 @@ class VAE(Module):
 
         ``neg_elbo_nats`` (-ELBO in nats, constants included, so a true bound on -log p(x)),
         ``bits_per_dim`` (the same / (D ln 2)), ``recon`` and ``kl`` (the training terms), ``loss``
-        (recon + beta KL), and ``mse`` (per-pixel squared error of the posterior-mean reconstruction).
+        (recon + beta KL), and ``mse`` (per-pixel squared error of the posterior-mean reconstruction; for
+        the prior-mc objective, which has no encoder, of the decode of the first prior sample).
         """
         def run():
             noise = eps if eps is not None else self.draw_eps(x.shape[0], rng)
