@@ -111,22 +111,6 @@ def as_strided(a, shape, strides):
     return numpy.lib.stride_tricks.as_strided(a, shape, strides, subok=True, writeable=False)
 
 
-_FUSED = {}
-
-
-def fused(fn):
-    """``fn``, an elementwise expression of arrays and scalars, as one GPU kernel when computing on CuPy.
-
-    ``cupy.fuse`` compiles the whole expression into a single kernel (one read of each input, one write),
-    once per function; on NumPy ``fn`` itself is returned (``layers`` evaluates it in cache-sized blocks).
-    """
-    if get_xp().__name__ != "cupy":
-        return fn
-    if fn not in _FUSED:
-        _FUSED[fn] = get_xp().fuse(fn)
-    return _FUSED[fn]
-
-
 def to_device(a, dtype=None):
     """Copy a host array (or pass a device one) onto the current device, optionally casting."""
     xp = get_xp()

@@ -13,8 +13,8 @@ PyTorch's layouts so a reader can compare: Linear ``W (out, in)``, Conv2d ``W (o
 ConvTranspose2d ``W (in, out, kh, kw)``, biases ``b (out,)``, BatchNorm ``gamma``, ``beta``.
 
 Speed without a second, slow path: convolutions gather kernel windows through one strided view and
-multiply once (no scatter-adds); elementwise layers run in cache-sized blocks (one fused kernel on the
-GPU); scratch arrays live from step to step (``Module.work_array``), and inside a training step layers
+multiply once (no scatter-adds); elementwise layers write into existing arrays and apply per-channel
+vectors to long rows (``channel_rows``); scratch arrays live from step to step (``Module.work_array``), and inside a training step layers
 overwrite their previous outputs (``Module.recycling_outputs``). See ``benchmarks/README.md`` for figures.
 
 Nothing here imports NumPy: every array op goes through ``xp``, the module owning the arrays
@@ -27,6 +27,15 @@ import math
 
 from . import backend
 from .backend import array_module
+
+
+def memory_order(a):
+    """The axes of ``a`` from the one with the largest stride to the smallest: the order its numbers lie in memory."""
+    return sorted(range(a.ndim), key=lambda axis: -a.strides[axis])
+
+
+def _inverse(order):
+    return [order.index(axis) for axis in range(len(order))]
 
 
 class Module:
@@ -74,24 +83,25 @@ class Module:
         return entry[1]
 
     def output_array(self, name, shape, dtype, xp):
-        """The array to write an output into: None, meaning "make a new one", unless ``recycle_outputs``.
+        """The array to write an output into: a new one, or inside a training step the one of the last step.
 
         Inside a training step (``recycling_outputs``) nothing a layer returns outlives the step, so each
         output overwrites the same array as in the previous step: no fresh memory, whose first touch costs
         the kernel a page fault per 4 KiB (some 4 ms for a 33 MB activation), is needed.
         """
-        return self.work_array("output " + name, shape, dtype, xp) if self.recycle_outputs else None
+        if self.recycle_outputs:
+            return self.work_array("output " + name, shape, dtype, xp)
+        return xp.empty(shape, dtype=dtype)
 
     def output_like(self, name, x):
-        """``output_array`` for an output of x's shape, dtype and memory layout (see ``memory_order``).
-
-        None on the GPU, where these outputs come from fused kernels (``per_pixel``) and CuPy's memory pool.
-        """
-        if backend.is_device_array(x):
-            return None
+        """``output_array`` for an output of x's shape and dtype, laid out in memory like x (see ``memory_order``),
+        so that elementwise operations read and write both in the same order."""
+        xp = array_module(x)
+        if not self.recycle_outputs:
+            return xp.empty_like(x)
         order = memory_order(x)
-        out = self.output_array(name, tuple(x.shape[i] for i in order), x.dtype, array_module(x))
-        return None if out is None else out.transpose(_inverse(order))
+        out = self.output_array(name, tuple(x.shape[i] for i in order), x.dtype, xp)
+        return out.transpose(_inverse(order))
 
     @contextlib.contextmanager
     def recycling_outputs(self):
@@ -330,7 +340,6 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
 
     shape = (n, mh, s, mw, s, cout)
     y = module.output_array(name, shape, col.dtype, xp)
-    y = xp.empty(shape, dtype=col.dtype) if y is None else y
     for a in range(s):
         # row phase a needs the window rows up to its last tap only: a leading block of col's columns
         rows = max((d - d0 + 1 for _, phase_a, d in taps_h if phase_a == a), default=0)
@@ -452,7 +461,6 @@ class Conv2d(Module):
         # the output is held as image planes, NCHW, where every shift moves whole rows (and which is the
         # layout the images, and so the loss, have)
         y = self.output_array("y", (n, cout, oh, ow), z.dtype, xp)
-        y = xp.empty((n, cout, oh, ow), dtype=z.dtype) if y is None else y
         planes = y.transpose(1, 0, 2, 3)  # (C_out, N, OH, OW), like z[i, j]
         planes[...] = self.params["b"][:, None, None, None] if "b" in self.params else 0
         for i, j, (rows, cols), (in_rows, in_cols) in self._shifts():
@@ -531,122 +539,51 @@ class ConvTranspose2d(Module):
         dw = sum_over_rows(dcol, self.x2)  # (kh*kw*out, in)
         self.grads["W"] += dw.reshape(self.kh, self.kw, cout, self.in_channels).transpose(3, 2, 0, 1)
         if "b" in self.params:
-            self.grads["b"] += channel_sums(_identity, [dy])
+            dy_rows, k = channel_rows(dy)
+            self.grads["b"] += pixel_sums(dy_rows, k).astype(dy.dtype)
         if not self.input_grad:
             return None
         dx = self.output_array("dx", (n * h * w, self.in_channels), dy.dtype, xp)
         return xp.matmul(dcol, self._wmat().T, out=dx).reshape(n, h, w, self.in_channels)
 
 
-# ---- elementwise work, a cache-sized block at a time --------------------------------------------------------
+# ---- per-channel and elementwise arithmetic ---------------------------------------------------------------
 #
-# NumPy runs each operation of an expression over the whole array before starting the next, so an
-# expression of k operations on a 33 MB activation makes k trips through main memory. Evaluated on blocks
-# of rows that fit in a core's cache, the intermediate results never leave the cache: memory sees every
-# input once and the output once. Blocks are viewed as rows of k*C numbers (k pixels side by side, the
-# per-channel vectors tiled k times), so that every NumPy inner loop runs over a thousand numbers, not C.
-# On the GPU the same expression becomes one fused kernel (``backend.fused``).
+# BatchNorm and the activations are a handful of whole-array operations each. Three habits keep them near
+# the speed of memory: every operation writes into an array that already exists (``out=``, ``+=``), so no
+# temporary is allocated and page-faulted in; a per-channel vector is applied to rows of k*C numbers
+# (k pixels side by side, the vector tiled k times, ``channel_rows``), because broadcast over rows of only
+# C = 16 or 32 numbers NumPy's inner loop restarts every C numbers and runs two to three times slower;
+# and plain sums over pixels are matrix-vector products with a vector of ones (one BLAS pass, on every
+# core), their k partial sums per channel added in float64. On the GPU each call is one CuPy kernel.
 
-BLOCK_NUMBERS = 1 << 15  # numbers per block and array: a few such arrays fit in a core's L2 cache
 
-
-def _wide_rows(arrays, params):
-    """``arrays`` (all of shape (..., C)) as (rows, k*C) views and ``params`` with per-channel vectors tiled k times."""
-    xp = array_module(*arrays)
-    c = arrays[0].shape[-1]
-    pixels = arrays[0].size // c
+def channel_rows(a):
+    """``a`` ``(..., C)`` as ``(R, k*C)``: rows of k whole pixels (k*C about 1024), with k; copies only a non-contiguous ``a``."""
+    xp = array_module(a)
+    a = xp.ascontiguousarray(a)
+    c = a.shape[-1]
+    pixels = a.size // c
     k = 1
     while k * c < 1024 and pixels % (2 * k) == 0:
         k *= 2
-    wide = [a.reshape(pixels // k, k * c) for a in arrays]
-    return wide, [xp.tile(p, k) if getattr(p, "ndim", 0) else p for p in params], k
+    return a.reshape(pixels // k, k * c), k
 
 
-def memory_order(a):
-    """The axes of ``a`` from the one with the largest stride to the smallest: the order its numbers lie in memory."""
-    return sorted(range(a.ndim), key=lambda axis: -a.strides[axis])
+def tiled(v, k):
+    """A per-channel vector ``v`` ``(C,)`` repeated k times, to match ``channel_rows``."""
+    return array_module(v).tile(v, k)
 
 
-def _inverse(order):
-    return [order.index(axis) for axis in range(len(order))]
-
-
-def per_pixel(fn, arrays, params=(), out=None):
-    """``fn(*arrays, *params)``, an elementwise expression, evaluated in cache-sized blocks.
-
-    ``arrays`` share one shape (..., C); ``params`` are scalars or per-channel vectors of shape (C,).
-    The result, of the arrays' dtype, goes into ``out`` (of their shape) if given, else into a new array.
-    Without per-channel vectors the arrays may lie in memory in any one order (image planes, say): they
-    are then read, and the result written, in that order, with no transposing copy.
-    (On the GPU the fused kernel always returns a new array, from CuPy's memory pool.)
-    """
-    if backend.is_device_array(arrays[0]):
-        return backend.fused(fn)(*arrays, *params)
-    xp = array_module(*arrays)
-    if not arrays[0].flags.c_contiguous and not any(getattr(p, "ndim", 0) for p in params):
-        order = memory_order(arrays[0])
-        in_memory_order = [a.transpose(order) for a in list(arrays) + ([] if out is None else [out])]
-        if all(a.flags.c_contiguous for a in in_memory_order):
-            result = per_pixel(fn, in_memory_order[:len(arrays)], params,
-                               None if out is None else in_memory_order[-1])
-            return result.transpose(_inverse(order))
-    wide, params, _ = _wide_rows(arrays, params)
-    step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
-    out = xp.empty(wide[0].shape, dtype=arrays[0].dtype) if out is None else out.reshape(wide[0].shape)
-    for start in range(0, len(out), step):
-        rows = slice(start, start + step)
-        out[rows] = fn(*(a[rows] for a in wide), *params)
-    return out.reshape(arrays[0].shape)
-
-
-def channel_sums(fn, arrays, params=()):
-    """Per-channel sums over every axis but the last of ``fn(*arrays, *params)``, in cache-sized blocks.
-
-    ``fn`` returns one array or a tuple of them (several sums from one pass over memory); the result is
-    a (C,) array or a tuple of them. Block sums are accumulated in float64, so a sum over millions of
-    float32 numbers stays accurate.
-    """
-    first = arrays[0]
-    xp = array_module(*arrays)
-    if backend.is_device_array(first):  # whole arrays: the GPU needs no blocks (and plain CuPy ops, no fusion)
-        values = fn(*arrays, *params)
-        axes = tuple(range(first.ndim - 1))
-
-        def total(v):  # accumulated in float64, as on the CPU
-            return v.sum(axis=axes, dtype=xp.float64).astype(first.dtype)
-        return tuple(total(v) for v in values) if isinstance(values, tuple) else total(values)
-    wide, params, k = _wide_rows(arrays, params)
-    step = max(1, BLOCK_NUMBERS // wide[0].shape[1])
-    totals = None
-    for start in range(0, len(wide[0]), step):
-        values = fn(*(a[start:start + step] for a in wide), *params)
-        sums = [v.sum(axis=0) for v in (values if isinstance(values, tuple) else (values,))]
-        totals = [xp.zeros(len(v), dtype=xp.float64) for v in sums] if totals is None else totals
-        for total, v in zip(totals, sums):
-            total += v
-    out = tuple(total.reshape(k, -1).sum(axis=0).astype(first.dtype) for total in totals)
-    return out if isinstance(values, tuple) else out[0]
-
-
-def _identity(x):
-    return x
-
-
-def _shifted_moments(x, shift):
-    d = x - shift
-    return d, d * d
-
-
-def _grad_sums(dy, x, mean):
-    return dy, dy * (x - mean)
-
-
-def _affine(x, scale, shift):
-    return x * scale + shift
-
-
-def _batchnorm_input_grad(dy, x, scale, mean, k, c):
-    return dy * scale + (x - mean) * k + c
+def pixel_sums(rows, k, other=None):
+    r"""Per-channel sums over the pixels of ``rows`` (``channel_rows``): :math:`\sum_p a_{pc}`, or with ``other``
+    :math:`\sum_p a_{pc} b_{pc}`; float64 ``(C,)``."""
+    xp = array_module(rows)
+    if other is None:
+        per_column = xp.ones(len(rows), dtype=rows.dtype) @ rows
+    else:
+        per_column = xp.einsum("ij,ij->j", rows, other)
+    return per_column.reshape(k, -1).sum(axis=0, dtype=xp.float64)
 
 
 class BatchNorm2d(Module):
@@ -657,9 +594,8 @@ class BatchNorm2d(Module):
     (the running variance uses the unbiased batch variance, as PyTorch does). Eval mode uses the
     running estimates, so y is an affine function of x.
 
-    Two passes over memory each way: forward, one for the mean and variance together and one for
-    y = x * (gamma / sigma) + (beta - mean * gamma / sigma); backward, one for the two sums it needs and
-    one for dx. x itself is kept for backward, not a normalised copy.
+    Keeps x - mean (``xc``) for backward: the variance and the sums backward needs are then sums of
+    products of centred numbers, which float32 adds accurately however far the mean lies from zero.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=None):
@@ -673,50 +609,46 @@ class BatchNorm2d(Module):
         self.buffers["running_var"] = xp.ones(num_features, dtype=dtype)
 
     def forward(self, x):
+        xp, dtype = array_module(x), x.dtype
+        rows, k = channel_rows(x)
         m = x.size // x.shape[-1]
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        mean = pixel_sums(rows, k) / m if self.training else rm
+        xc = xp.subtract(rows, tiled(mean.astype(dtype), k), out=self.work_array("xc", rows.shape, dtype, xp))
         if self.training:
-            # one pass for both moments, of x minus a rough mean s (that of the first image), so that
-            # mean^2 cannot swamp the variance: var = E[(x - s)^2] - (E[x - s])^2
-            shift = x[0].reshape(-1, x.shape[-1]).mean(axis=0)
-            sum_d, sum_d2 = channel_sums(_shifted_moments, [x], [shift])
-            mean = shift + sum_d / m
-            var = array_module(x).maximum(sum_d2 / m - (sum_d / m) ** 2, 0)
-            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-            rm += self.momentum * (mean - rm)
-            rv += self.momentum * (var * (m / max(m - 1, 1)) - rv)
+            var = pixel_sums(xc, k, xc) / m
+            rm += (self.momentum * (mean - rm)).astype(dtype)
+            rv += (self.momentum * (var * (m / max(m - 1, 1)) - rv)).astype(dtype)
         else:
-            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
-        inv_std = 1.0 / array_module(x).sqrt(var + self.eps)
-        scale = self.params["gamma"] * inv_std
-        self.x, self.mean, self.inv_std = x, mean, inv_std
-        return per_pixel(_affine, [x], [scale, self.params["beta"] - mean * scale], out=self.output_like("y", x))
+            var = rv
+        self.m, self.k, self.xc = m, k, xc
+        self.inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(dtype)
+        y = self.output_array("y", x.shape, dtype, xp)
+        y_rows = xp.multiply(xc, tiled(self.params["gamma"] * self.inv_std, k), out=y.reshape(rows.shape))
+        y_rows += tiled(self.params["beta"], k)
+        return y
 
     def backward(self, dy):
-        x, mean, inv_std = self.x, self.mean, self.inv_std
-        m = x.size // x.shape[-1]
-        sum_dy, sum_dy_xc = channel_sums(_grad_sums, [dy, x], [mean])
-        sum_dy_xhat = sum_dy_xc * inv_std
-        self.grads["gamma"] += sum_dy_xhat
-        self.grads["beta"] += sum_dy
-        scale = self.params["gamma"] * inv_std
+        xp, dtype = array_module(dy), dy.dtype
+        m, k, xc, inv_std = self.m, self.k, self.xc, self.inv_std
+        dy_rows, _ = channel_rows(dy)
+        sum_dy = pixel_sums(dy_rows, k)
+        sum_dy_xhat = pixel_sums(dy_rows, k, xc) * inv_std
+        self.grads["gamma"] += sum_dy_xhat.astype(dtype)
+        self.grads["beta"] += sum_dy.astype(dtype)
+        scale_k = tiled(self.params["gamma"] * inv_std, k)
+        dx = self.output_array("dx", dy.shape, dtype, xp)
+        dx_rows = dx.reshape(dy_rows.shape)
         if not self.training:
-            return per_pixel(_affine, [dy], [scale, 0.0], out=self.output_like("dx", dy))
-        # Through mean and variance: dx = gamma/sigma * (dy - mean(dy) - xhat * mean(dy * xhat)),
-        # with xhat = (x - mean) / sigma: dy * scale + (x - mean) * k + c, per channel
-        k = -scale * inv_std * sum_dy_xhat / m
-        return per_pixel(_batchnorm_input_grad, [dy, x], [scale, mean, k, -scale * sum_dy / m],
-                         out=self.output_like("dx", dy))
-
-
-# ---- elementwise -----------------------------------------------------------------------------------
-
-def _leaky_relu(x, slope):
-    return array_module(x).maximum(x, x * slope)
-
-
-def _leaky_relu_grad(dy, x, slope):
-    # the slope of max(x, slope x): 1 where x > 0, slope elsewhere
-    return dy * ((x > 0) * (1 - slope) + slope)
+            xp.multiply(dy_rows, scale_k, out=dx_rows)
+            return dx
+        # through the batch mean and variance too:
+        # dx = gamma/sigma * (dy - mean(dy) - xhat * mean(dy * xhat)), with xhat = xc / sigma
+        xp.multiply(xc, tiled((-sum_dy_xhat * inv_std / m).astype(dtype), k), out=dx_rows)
+        dx_rows += dy_rows
+        dx_rows -= tiled((sum_dy / m).astype(dtype), k)
+        dx_rows *= scale_k
+        return dx
 
 
 class LeakyReLU(Module):
@@ -729,12 +661,18 @@ class LeakyReLU(Module):
         self.slope = slope
 
     def forward(self, x):
+        xp = array_module(x)
         self.x = x
-        return per_pixel(_leaky_relu, [x], [self.slope], out=self.output_like("y", x))
+        y = xp.multiply(x, self.slope, out=self.output_like("y", x))
+        return xp.maximum(x, y, out=y)
 
     def backward(self, dy):
-        slope = dy.dtype.type(self.slope)  # a scalar of dy's type: (x > 0) * (1 - slope) stays float32
-        return per_pixel(_leaky_relu_grad, [dy, self.x], [slope], out=self.output_like("dx", dy))
+        xp = array_module(dy)
+        # dy/dx = 1 where x > 0, slope elsewhere: max(sign(x), slope)
+        dx = xp.sign(self.x, out=self.output_like("dx", dy))
+        xp.maximum(dx, self.slope, out=dx)
+        dx *= dy
+        return dx
 
 
 class ReLU(LeakyReLU):
@@ -744,36 +682,42 @@ class ReLU(LeakyReLU):
         super().__init__(slope=0.0)
 
 
-def _sigmoid(x):
-    # 1 / (1 + exp(-x)) for x >= 0 and exp(x) / (1 + exp(x)) below, in one expression: neither exp overflows
-    xp = array_module(x)
-    return xp.exp(xp.minimum(x, 0)) / (1 + xp.exp(-xp.abs(x)))
-
-
-def _sigmoid_grad(dy, y):
-    return dy * y * (1 - y)
-
-
 class Sigmoid(Module):
-    """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y)."""
+    """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y).
+
+    Computed as (1 + tanh(x / 2)) / 2, the same function, which no x can overflow.
+    """
 
     def forward(self, x):
-        self.y = per_pixel(_sigmoid, [x], out=self.output_like("y", x))
-        return self.y
+        xp = array_module(x)
+        y = xp.multiply(x, 0.5, out=self.output_like("y", x))
+        xp.tanh(y, out=y)
+        y *= 0.5
+        y += 0.5
+        self.y = y
+        return y
 
     def backward(self, dy):
-        return per_pixel(_sigmoid_grad, [dy, self.y], out=self.output_like("dx", dy))
+        xp = array_module(dy)
+        dx = xp.subtract(1, self.y, out=self.output_like("dx", dy))
+        dx *= self.y
+        dx *= dy
+        return dx
 
 
 class Tanh(Module):
     """y = tanh(x); dy/dx = 1 - y^2."""
 
     def forward(self, x):
-        self.y = array_module(x).tanh(x)
+        self.y = array_module(x).tanh(x, out=self.output_like("y", x))
         return self.y
 
     def backward(self, dy):
-        return dy * (1 - self.y * self.y)
+        xp = array_module(dy)
+        dx = xp.multiply(self.y, self.y, out=self.output_like("dx", dy))
+        xp.subtract(1, dx, out=dx)
+        dx *= dy
+        return dx
 
 
 # ---- shape -----------------------------------------------------------------------------------------

@@ -355,18 +355,35 @@ def test_leaky_relu_slope_must_lie_in_unit_interval():
         layers.LeakyReLU(-0.1)
 
 
-def test_blocked_elementwise_matches_whole_array(xp, monkeypatch):
-    """per_pixel / channel_sums in cache-sized blocks equal the plain whole-array expressions."""
-    monkeypatch.setattr(layers, "BLOCK_NUMBERS", 64)  # many blocks
-    x = backend.rng(22).standard_normal((6, 5, 7, 3)).astype(numpy.float32)
-    dy = backend.rng(23).standard_normal((6, 5, 7, 3)).astype(numpy.float32)
-    mean = x.reshape(-1, 3).mean(axis=0)
-    got = layers.per_pixel(layers._batchnorm_input_grad, [dy, x], [mean, mean, mean, mean])
-    numpy.testing.assert_array_equal(backend.to_host(got), backend.to_host(dy * mean + (x - mean) * mean + mean))
-    s1, s2 = layers.channel_sums(layers._grad_sums, [dy, x], [mean])
-    numpy.testing.assert_allclose(backend.to_host(s1), backend.to_host(dy.reshape(-1, 3).sum(axis=0)), rtol=1e-5)
-    numpy.testing.assert_allclose(backend.to_host(s2), backend.to_host((dy * (x - mean)).reshape(-1, 3).sum(axis=0)),
-                                  rtol=1e-5)
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (4, 8, 8, 16), (3, 5), (2, 3, 3, 2048)])
+def test_channel_rows_and_pixel_sums(xp, shape):
+    """Rows of k whole pixels keep every channel in its column class; pixel sums equal plain float64 sums."""
+    x = xp.asarray(backend.rng(22).standard_normal(shape).astype(numpy.float32))
+    y = xp.asarray(backend.rng(23).standard_normal(shape).astype(numpy.float32))
+    rows, k = layers.channel_rows(x)
+    c = shape[-1]
+    assert rows.shape == (x.size // c // k, k * c) and (k * c >= 1024 or (x.size // c) % (2 * k))
+    v = xp.asarray(numpy.arange(c, dtype=numpy.float32))
+    numpy.testing.assert_array_equal(backend.to_host((rows * layers.tiled(v, k)).reshape(shape)),
+                                     backend.to_host(x * v))  # a tiled vector meets each pixel's own channels
+    plain_x, plain_y = (backend.to_host(a).astype(numpy.float64).reshape(-1, c) for a in (x, y))
+    numpy.testing.assert_allclose(backend.to_host(layers.pixel_sums(rows, k)), plain_x.sum(axis=0), rtol=1e-5, atol=1e-5)
+    y_rows, _ = layers.channel_rows(y)
+    numpy.testing.assert_allclose(backend.to_host(layers.pixel_sums(rows, k, y_rows)), (plain_x * plain_y).sum(axis=0),
+                                  rtol=1e-5, atol=1e-5)
+    strided = x[..., ::-1]  # not contiguous: copied, same values
+    rows_s, k_s = layers.channel_rows(strided)
+    numpy.testing.assert_array_equal(backend.to_host(rows_s.reshape(shape)), backend.to_host(strided))
+
+
+def test_batchnorm_statistics_are_accurate_in_float32(xp):
+    """A large float32 batch whose mean is far from zero: mean and variance within 1e-5 of float64 ones."""
+    x64 = 1000.0 + 0.5 * backend.rng(24).standard_normal((64, 32, 32, 4))
+    bn = layers.BatchNorm2d(4, momentum=1.0)  # the running estimates become the batch's own
+    bn.forward(xp.asarray(x64.astype(numpy.float32)))
+    mean, var = x64.reshape(-1, 4).mean(axis=0), x64.reshape(-1, 4).var(axis=0, ddof=1)
+    numpy.testing.assert_allclose(backend.to_host(bn.buffers["running_mean"]), mean, rtol=1e-6)
+    numpy.testing.assert_allclose(backend.to_host(bn.buffers["running_var"]), var, rtol=1e-3)
 
 
 def test_report_measured_errors(capsys):
