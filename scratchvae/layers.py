@@ -340,11 +340,12 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
 
     shape = (n, mh, s, mw, s, cout)
     y = module.output_array(name, shape, col.dtype, xp)
+    phase = module.work_array(name + " phase", (len(col), s * cout), col.dtype, xp)
     for a in range(s):
         # row phase a needs the window rows up to its last tap only: a leading block of col's columns
         rows = max((d - d0 + 1 for _, phase_a, d in taps_h if phase_a == a), default=0)
         used = one + rows * tw * cin
-        phase = col[:, :used] @ wsub[:used, a].reshape(used, s * cout)
+        xp.matmul(col[:, :used], wsub[:used, a].reshape(used, s * cout), out=phase)
         y[:, :, a] = phase.reshape(n, mh, mw, s, cout)  # output pixels (s m + a, s m' + b): one copy
     return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
 
@@ -481,7 +482,7 @@ class Conv2d(Module):
         dw = sum_over_rows(dz.T, self.x2)  # (kh*kw*out, in)
         self.grads["W"] += dw.reshape(self.kh, self.kw, cout, c).transpose(2, 3, 0, 1)
         if "b" in self.params:
-            self.grads["b"] += dy_planes.sum(axis=(1, 2, 3))
+            self.grads["b"] += dy_planes.sum(axis=(2, 3)).sum(axis=1)  # image planes first: no copy of dy
         if not self.input_grad:
             return None
         dx = self.output_array("dx", (n * h * w, c), dy.dtype, xp)

@@ -89,12 +89,14 @@ class SquaredError:
 
     def nll(self, x, out):
         """Summed squared error per sample and image, ``(m, N)``."""
-        diff = out - x
-        return (diff * diff).reshape(diff.shape[0], diff.shape[1], -1).sum(axis=2)
+        diff = (out - x).reshape(out.shape[0] * out.shape[1], -1)
+        return array_module(diff).einsum("ij,ij->i", diff, diff).reshape(out.shape[:2])
 
     def nll_backward(self, dnll, x, out):
         """d/d out of sum(dnll * nll): 2 (f(z) - x) dnll."""
-        return (2 * dnll.reshape(dnll.shape + (1,) * (out.ndim - 2))) * (out - x)
+        grad = out - x
+        grad *= 2 * dnll.reshape(dnll.shape + (1,) * (out.ndim - 2))
+        return grad
 
     def nats_offset(self, num_pixels):
         """What to add to ``nll`` for the true -log p(x|z) in nats: (D/2) log(pi), from sigma^2 = 1/2."""
