@@ -436,10 +436,12 @@ def train(config: TrainConfig) -> dict:
         return row
 
     loop_start = time.perf_counter()
-    saved = checkpoint(step) if stored is None else step  # a step-0 checkpoint: a NaN at once still leaves one
-    updating, bar = False, None
+    saved, updating, bar = None, False, None
     try:
         with _DeferredInterrupt() as interrupt:
+            saved = checkpoint(step) if stored is None else step  # step 0 saved: a NaN at once still leaves one
+            if interrupt.requested and step < total:
+                raise KeyboardInterrupt
             while step < total:
                 epoch, start = divmod(step, per_epoch)
                 bar = tqdm(total=per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
@@ -471,15 +473,19 @@ def train(config: TrainConfig) -> dict:
                         last_eval = evaluate(step)
                     if epoch_done or step == total or step % cfg.checkpoint_every == 0 or interrupt.requested:
                         saved = checkpoint(step)
+                    if step == total:  # done: a Ctrl-C during the last evaluation has nothing left to stop
+                        break
                     if interrupt.requested:
                         raise KeyboardInterrupt
-                    if step == total:
-                        break
                     tick = time.perf_counter()  # evaluations and checkpoints do not count against images/s
                 bar.close()
             if last_eval is None or int(last_eval["step"]) != step:  # a finished run resumed, its eval.csv lost
                 last_eval = evaluate(step)
     except KeyboardInterrupt:
+        if saved is None:  # a second Ctrl-C while the step-0 checkpoint was written (atomically: all or nothing)
+            raise Interrupted(f"interrupted before training began; {ckpt_path} "
+                              f"{'was written' if ckpt_path.exists() else 'was not written'}, nothing was trained. "
+                              f"Run the same command again to start", step) from None
         if not updating and saved != step:
             saved = checkpoint(step)
         where = f" (inside update {step + 1}, which is discarded)" if updating else ""

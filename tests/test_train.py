@@ -212,6 +212,56 @@ def test_hard_interrupt_inside_an_update_keeps_the_last_checkpoint(tmp_path, mon
     assert meta(out)["step"] == PER_EPOCH  # the end-of-epoch checkpoint, not a half-made step 7
 
 
+def test_ctrl_c_during_the_last_evaluation_lets_the_finished_run_end(tmp_path, monkeypatch):
+    """Training is complete when the last evaluation runs: a Ctrl-C then still ends with summary.json, exit 0."""
+    real_eval, calls = train.evaluate_images, []
+
+    def eval_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation after the last step of the second (last) epoch
+            signal.raise_signal(signal.SIGINT)
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_images", eval_then_ctrl_c)
+    out = tmp_path / "run"
+    assert run(out, "--epochs", 2) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2 * PER_EPOCH
+    assert meta(out)["step"] == 2 * PER_EPOCH
+
+
+def test_ctrl_c_during_the_first_checkpoint_saves_step_0_and_resume_continues_exactly(tmp_path, monkeypatch, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run(whole, "--epochs", 1) == 0
+    real_save, calls = train.save_checkpoint, []
+
+    def ctrl_c_then_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)  # arrives while the step-0 checkpoint is being written
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", ctrl_c_then_save)
+    assert run(parts, "--epochs", 1) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 0; checkpoint of step 0" in err and "--resume" in err
+    assert meta(parts)["step"] == 0
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert run(parts, "--epochs", 1, "--resume") == 0
+    assert losses(parts) == losses(whole)
+
+
+def test_second_ctrl_c_during_the_first_checkpoint_says_nothing_was_trained(tmp_path, monkeypatch, capsys):
+    def hard_interrupt(*args, **kwargs):
+        raise KeyboardInterrupt  # a second Ctrl-C, before the checkpoint file was replaced
+
+    monkeypatch.setattr(train, "save_checkpoint", hard_interrupt)
+    out = tmp_path / "run"
+    assert run(out, "--epochs", 1) == 130
+    err = capsys.readouterr().err
+    assert "before training began" in err and "was not written" in err and "nothing was trained" in err
+    assert not (out / "checkpoint.npz").exists()
+
+
 def test_resume_refuses_a_checkpoint_of_other_options(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(out, "--epochs", 1) == 0
