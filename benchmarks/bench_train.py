@@ -6,7 +6,7 @@
 Prints, for every framework, preset and batch size: images/s of a whole training step (forward, backward,
 Adam), the step time and the peak memory; the ratio scratchvae / PyTorch where PyTorch is installed (it is
 not a dependency: without it that part is skipped with a line saying so); a per-layer forward/backward
-breakdown of the default model at batch 64 (scratchvae and PyTorch side by side); and the time to
+breakdown of each preset at batch 64 (scratchvae and PyTorch side by side); and the time to
 assemble a batch from a uint8 memory-mapped cache with ``scratchvae.data.Batches``.
 
 Method. Every configuration runs in a fresh Python process, so that its peak memory is its own: on the
@@ -329,8 +329,8 @@ def print_memory(results):
         print(line)
 
 
-def print_layers(ours, theirs, ours_name, theirs_name, step_ms):
-    print(f"\n== Per layer, default model, batch 64: forward / backward ms per step ==")
+def print_layers(ours, theirs, ours_name, theirs_name, step_ms, preset):
+    print(f"\n== Per layer, {preset} model, batch 64: forward / backward ms per step ==")
     names = list(ours["layers"]) if ours else list(theirs["layers"])
     head = f"{'layer':36s} {ours_name:>17s}"
     if theirs:
@@ -435,11 +435,12 @@ def main(argv=None):
         for ours_fw, theirs_fw in [("scratchvae-cpu", "torch-cpu"), ("scratchvae-gpu", "torch-gpu")]:
             if ours_fw not in frameworks:
                 continue
-            ours = run_worker(ours_fw, "default", 64, args, layers=True)
-            theirs = run_worker(theirs_fw, "default", 64, args, layers=True) if theirs_fw in frameworks else None
-            if ours:
-                steps = (summarize(ours, 64)[1], summarize(theirs, 64)[1] if theirs else 0.0)
-                print_layers(ours, theirs, ours_fw, theirs_fw, steps)
+            for preset in args.presets:
+                ours = run_worker(ours_fw, preset, 64, args, layers=True)
+                theirs = run_worker(theirs_fw, preset, 64, args, layers=True) if theirs_fw in frameworks else None
+                if ours:
+                    steps = (summarize(ours, 64)[1], summarize(theirs, 64)[1] if theirs else 0.0)
+                    print_layers(ours, theirs, ours_fw, theirs_fw, steps, preset)
     batch_assembly(step_ms, args)
     print(f"\n  {load()} (after)")
 
