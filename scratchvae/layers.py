@@ -14,8 +14,9 @@ ConvTranspose2d ``W (in, out, kh, kw)``, biases ``b (out,)``, BatchNorm ``gamma`
 
 Speed without a second, slow path: convolutions gather kernel windows through one strided view and
 multiply once (no scatter-adds); elementwise layers write into existing arrays and apply per-channel
-vectors to long rows (``channel_rows``); scratch arrays live from step to step (``Module.work_array``), and inside a training step layers
-overwrite their previous outputs (``Module.recycling_outputs``). See ``benchmarks/README.md`` for figures.
+vectors to long rows (``channel_rows``); scratch arrays live from step to step (``Module.work_array``),
+and inside a training step layers overwrite their previous outputs (``Module.recycling_outputs``).
+See ``benchmarks/README.md`` for figures.
 
 Nothing here imports NumPy: every array op goes through ``xp``, the module owning the arrays
 (NumPy or CuPy, see ``backend``).
@@ -560,7 +561,9 @@ class ConvTranspose2d(Module):
 
 
 def channel_rows(a):
-    """``a`` ``(..., C)`` as ``(R, k*C)``: rows of k whole pixels (k*C about 1024), with k; copies only a non-contiguous ``a``."""
+    """``a`` ``(..., C)`` viewed as ``(R, k*C)``, rows of k whole pixels (k*C about 1024), and k.
+
+    Copies ``a`` only if it is not contiguous."""
     xp = array_module(a)
     a = xp.ascontiguousarray(a)
     c = a.shape[-1]

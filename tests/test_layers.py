@@ -367,7 +367,8 @@ def test_channel_rows_and_pixel_sums(xp, shape):
     numpy.testing.assert_array_equal(backend.to_host((rows * layers.tiled(v, k)).reshape(shape)),
                                      backend.to_host(x * v))  # a tiled vector meets each pixel's own channels
     plain_x, plain_y = (backend.to_host(a).astype(numpy.float64).reshape(-1, c) for a in (x, y))
-    numpy.testing.assert_allclose(backend.to_host(layers.pixel_sums(rows, k)), plain_x.sum(axis=0), rtol=1e-5, atol=1e-5)
+    numpy.testing.assert_allclose(backend.to_host(layers.pixel_sums(rows, k)), plain_x.sum(axis=0),
+                                  rtol=1e-5, atol=1e-5)
     y_rows, _ = layers.channel_rows(y)
     numpy.testing.assert_allclose(backend.to_host(layers.pixel_sums(rows, k, y_rows)), (plain_x * plain_y).sum(axis=0),
                                   rtol=1e-5, atol=1e-5)
