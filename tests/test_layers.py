@@ -190,6 +190,20 @@ def test_batchnorm_train_normalises_and_updates_running_stats(xp, f64):
                                   0.9 + 0.1 * xh.var(0, ddof=1), rtol=1e-12)
 
 
+def test_batchnorm_takes_non_contiguous_arrays(xp, f64):
+    """A strided view in, and a strided gradient back: the same results as for contiguous copies."""
+    big = randn(xp, 4, 5, 6, 6, seed=30)
+    x = big[..., ::2]  # every other channel: not contiguous
+    dy = randn(xp, 4, 5, 6, 6, seed=31)[..., 1::2]
+    results = []
+    for a, g in ((x, dy), (xp.ascontiguousarray(x), xp.ascontiguousarray(dy))):
+        bn = layers.BatchNorm2d(3)
+        bn.params["gamma"][...] = xp.asarray([0.5, 2.0, -1.0])
+        results.append([backend.to_host(v).copy() for v in (bn.forward(a), bn.backward(g), bn.grads["gamma"])])
+    for got, want in zip(*results):
+        numpy.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_batchnorm_eval_uses_running_stats(xp, f64):
     bn = layers.BatchNorm2d(2)
     bn.buffers["running_mean"][...] = xp.asarray([1.0, -2.0])
