@@ -686,20 +686,26 @@ class ReLU(LeakyReLU):
         super().__init__(slope=0.0)
 
 
-class Sigmoid(Module):
-    """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y).
+def sigmoid(x, out=None):
+    """The logistic function 1 / (1 + exp(-x)), into ``out`` if given.
 
-    Computed as (1 + tanh(x / 2)) / 2, the same function, which no x can overflow.
+    Computed as (1 + tanh(x / 2)) / 2, the same function, which no x can overflow; exact to the dtype's
+    rounding in absolute terms (values below about 1e-7 in float32 come out as 0, harmless for pixels).
     """
+    xp = array_module(x)
+    y = xp.multiply(x, 0.5, out=out)
+    xp.tanh(y, out=y)
+    y *= 0.5
+    y += 0.5
+    return y
+
+
+class Sigmoid(Module):
+    """y = sigmoid(x); dy/dx = y (1 - y)."""
 
     def forward(self, x):
-        xp = array_module(x)
-        y = xp.multiply(x, 0.5, out=self.output_like("y", x))
-        xp.tanh(y, out=y)
-        y *= 0.5
-        y += 0.5
-        self.y = y
-        return y
+        self.y = sigmoid(x, out=self.output_like("y", x))
+        return self.y
 
     def backward(self, dy):
         xp = array_module(dy)

@@ -21,7 +21,7 @@ import math
 from . import backend
 from .backend import array_module, to_float, to_host
 from .layers import (BatchNorm2d, Conv2d, ConvTranspose2d, Flatten, LeakyReLU, Linear, Module, Reshape,
-                     Sequential, Sigmoid)
+                     Sequential, Sigmoid, sigmoid)
 
 # exp(logvar) must stay finite in float32 (max ~3.4e38 = exp(88)); sigma = exp(10) is already far
 # wider than the prior, and sigma = exp(-15) far narrower than any pixel can resolve. Outside these
@@ -151,13 +151,6 @@ class BernoulliNLL:
     def nats_offset(self, num_pixels):
         """Zero: the Bernoulli likelihood has no constant."""
         return 0.0
-
-
-def sigmoid(a):
-    """Logistic function 1 / (1 + exp(-a)), in the form that cannot overflow for either sign of a."""
-    xp = array_module(a)
-    e = xp.exp(-xp.abs(a))
-    return xp.where(a >= 0, 1 / (1 + e), e / (1 + e))
 
 
 RECONSTRUCTIONS = {"sse": SquaredError, "gaussian": GaussianNLL, "bce": BernoulliNLL}

@@ -401,6 +401,15 @@ def test_batchnorm_statistics_are_accurate_in_float32(xp):
     numpy.testing.assert_allclose(backend.to_host(bn.buffers["running_var"]), var, rtol=1e-3)
 
 
+def test_sigmoid_matches_the_logistic_function_without_overflow(xp):
+    x = numpy.array([-1e4, -100.0, -3.0, 0.0, 2.5, 100.0, 1e4], dtype=numpy.float32)
+    with numpy.errstate(all="raise"):  # an exp(1e4) anywhere would raise
+        got = backend.to_host(layers.sigmoid(xp.asarray(x)))
+    with numpy.errstate(over="ignore"):
+        want = 1 / (1 + numpy.exp(-x.astype(numpy.float64)))
+    numpy.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
+
+
 def test_report_measured_errors(capsys):
     """Prints the largest relative error each layer reached (collected by the checks above)."""
     with capsys.disabled():
