@@ -672,9 +672,10 @@ class LeakyReLU(Module):
 
     def backward(self, dy):
         xp = array_module(dy)
-        # dy/dx = 1 where x > 0, slope elsewhere: max(sign(x), slope)
-        dx = xp.sign(self.x, out=self.output_like("dx", dy))
-        xp.maximum(dx, self.slope, out=dx)
+        # dy/dx = 1 where x > 0, slope elsewhere: (x > 0) as 1.0 or 0.0, clipped to [slope, 1]
+        # (NumPy's sign, and maximum with a scalar, are not vectorised; comparison and clip are)
+        dx = xp.greater(self.x, 0, out=self.output_like("dx", dy))
+        xp.clip(dx, self.slope, 1, out=dx)
         dx *= dy
         return dx
 

@@ -362,6 +362,19 @@ def test_recycled_outputs_match_new_ones_and_end_with_the_block(xp, f64):
     numpy.testing.assert_array_equal(backend.to_host(first), kept)  # outside the block: new arrays every call
 
 
+@pytest.mark.parametrize("slope", [0.01, 0.2, 0.0])
+def test_leaky_relu_matches_definition_at_and_around_zero(xp, slope):
+    """y = x for x > 0, slope x otherwise; dy/dx = 1 for x > 0 and slope for x <= 0 (PyTorch's choice at 0)."""
+    x = xp.asarray(numpy.array([[-2.0, -1e-30, 0.0, -0.0, 1e-30, 3.0]], dtype=numpy.float32))
+    dy = xp.asarray(numpy.array([[1.0, 2.0, 3.0, 4.0, 5.0, -6.0]], dtype=numpy.float32))
+    layer = layers.LeakyReLU(slope)
+    y, dx = backend.to_host(layer.forward(x)), backend.to_host(layer.backward(dy))
+    xh, dyh = backend.to_host(x), backend.to_host(dy)
+    numpy.testing.assert_array_equal(y, numpy.where(xh > 0, xh, numpy.float32(slope) * xh))
+    numpy.testing.assert_array_equal(dx, numpy.where(xh > 0, dyh, numpy.float32(slope) * dyh))
+    assert dx.dtype == numpy.float32
+
+
 def test_leaky_relu_slope_must_lie_in_unit_interval():
     with pytest.raises(ValueError, match="slope"):
         layers.LeakyReLU(1.5)
