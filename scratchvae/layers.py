@@ -50,6 +50,7 @@ class Module:
         self.input_grad = True  # False: backward skips dL/dx and returns None (a first layer, fed data)
         self.recycle_outputs = False  # True inside a training step: see output_array
         self._work = {}     # name -> (signature, array): scratch arrays reused from step to step
+        self._flat = None   # (params, grads) of flatten_parameters
 
     # -- the protocol -------------------------------------------------------------------------
     def forward(self, x):
@@ -164,8 +165,53 @@ class Module:
 
     def zero_grad(self):
         """Set every parameter gradient to zero (backward accumulates into them)."""
+        flat = self.flat_parameters()
+        if flat is not None:
+            flat[1][...] = 0  # all of them at once
+            return
         for _, _, g in self.named_parameters():
             g[...] = 0
+
+    def flatten_parameters(self):
+        """Move every parameter below this module into one contiguous array, and every gradient into another;
+        each module's ``params`` and ``grads`` then hold views of them (values kept). Returns self.
+
+        An optimiser then updates all the parameters with a few whole-array operations (see
+        ``flat_parameters``): on a GPU a few kernels in all, instead of a few for each of dozens of arrays.
+        """
+        named = list(self.named_parameters())
+        modules = [id(m) for _, m in self.named_modules()]
+        if not named or len({p.dtype for _, p, _ in named}) > 1 or len(set(modules)) < len(modules):
+            return self  # nothing to do, dtypes that cannot share an array, or a module shared by two parents
+        xp, dtype = array_module(named[0][1]), named[0][1].dtype
+        total = sum(int(p.size) for _, p, _ in named)
+        flat_p, flat_g = xp.empty(total, dtype=dtype), xp.empty(total, dtype=dtype)
+        offset = 0
+        for _, mod in self.named_modules():
+            for name, p in mod.params.items():
+                size, g = int(p.size), mod.grads[name]
+                flat_p[offset:offset + size] = p.reshape(-1)
+                flat_g[offset:offset + size] = g.reshape(-1)
+                mod.params[name] = flat_p[offset:offset + size].reshape(p.shape)
+                mod.grads[name] = flat_g[offset:offset + size].reshape(g.shape)
+                offset += size
+        self._flat = (flat_p, flat_g)
+        return self
+
+    def flat_parameters(self):
+        """``(params, grads)``, the two arrays of ``flatten_parameters``, while every parameter and gradient is
+        still the view at its place in them (a deep copy, for one, breaks that); otherwise None."""
+        if self._flat is None:
+            return None
+        flat_p, flat_g = self._flat
+        offset = 0
+        for _, p, g in self.named_parameters():
+            for a, flat in ((p, flat_p), (g, flat_g)):
+                if not (a.flags.c_contiguous and backend.data_address(a)
+                        == backend.data_address(flat) + offset * flat.itemsize):
+                    return None
+            offset += int(p.size)
+        return self._flat if offset == flat_p.size else None
 
     def train(self, mode=True):
         """Training mode (BatchNorm uses batch statistics); returns self."""

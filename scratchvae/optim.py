@@ -27,49 +27,78 @@ def _params(module_or_params):
     return list(module_or_params)
 
 
+def _member(a, offset, shape):
+    """The view of a group's array that belongs to one parameter: ``shape`` numbers from ``offset`` on."""
+    size = 1
+    for n in shape:
+        size *= n
+    return a.reshape(-1)[offset:offset + size].reshape(shape)
+
+
 class Optimizer:
-    """Holds the (name, param, grad) triples and per-parameter state; ``step()`` updates in place."""
+    """Holds the (name, param, grad) triples and their state; ``step()`` updates the parameters in place.
+
+    The update runs on groups: all the parameters at once when they are views of one array (a Module's
+    ``flat_parameters``, which ``VAE`` sets up), otherwise each parameter alone. The state (Adam's moments)
+    has one array per group and slot; ``state_dict`` names each parameter's part of it.
+    """
 
     def __init__(self, params, lr):
         self.params = _params(params)
         self.lr = lr
-        self.state = {name: {} for name, _, _ in self.params}
         self.t = 0  # steps taken
+        flat = params.flat_parameters() if hasattr(params, "flat_parameters") else None
+        if flat is not None:
+            members, offset = [], 0
+            for name, p, _ in self.params:
+                members.append((name, offset, p.shape))
+                offset += int(p.size)
+            self.groups = [(members, flat[0], flat[1])]
+        else:
+            self.groups = [([(name, 0, p.shape)], p, g) for name, p, g in self.params]
+        self.state = [{} for _ in self.groups]  # per group: slot name -> array shaped like the group's params
 
     def step(self):
         """Apply one update to every parameter from its gradient."""
         self.t += 1
-        for name, p, g in self.params:
-            self._update(p, g, self.state[name])
+        for (_, p, g), state in zip(self.groups, self.state):
+            self._update(p, g, state)
 
     def _update(self, p, g, state):
         raise NotImplementedError
 
     def zero_grad(self):
         """Zero every gradient this optimiser updates from."""
-        for _, _, g in self.params:
+        for _, _, g in self.groups:
             g[...] = 0
 
     def state_dict(self):
-        """Step count, learning rate and per-parameter state arrays, as a flat dict name -> array/number."""
+        """Step count, learning rate and per-parameter state arrays, as a flat dict name -> array/number
+        (``<param>/<slot>``, e.g. ``encoder.0.W/m``; the arrays are views of the optimiser's own)."""
         out = {"t": self.t, "lr": self.lr}
-        for name, st in self.state.items():
-            for key, arr in st.items():
-                out[f"{name}/{key}"] = arr
+        for (members, _, _), state in zip(self.groups, self.state):
+            for slot, arr in state.items():
+                for name, offset, shape in members:
+                    out[f"{name}/{slot}"] = _member(arr, offset, shape)
         return out
 
     def load_state_dict(self, state):
         """Restore what ``state_dict`` returned (arrays copied onto this optimiser's device)."""
         self.t, self.lr = int(state["t"]), float(state["lr"])
-        shapes = {name: p for name, p, _ in self.params}
+        where = {name: (i, offset, shape) for i, (members, _, _) in enumerate(self.groups)
+                 for name, offset, shape in members}
         for key, arr in state.items():
             if "/" not in key:
                 continue
             name, slot = key.rsplit("/", 1)
-            if name not in shapes:
+            if name not in where:
                 raise KeyError(f"optimiser state names parameter {name!r}, which the model does not have")
-            p = shapes[name]
-            self.state[name][slot] = array_module(p).asarray(arr, dtype=p.dtype).reshape(p.shape).copy()
+            i, offset, shape = where[name]
+            p, group_state = self.groups[i][1], self.state[i]
+            xp = array_module(p)
+            if slot not in group_state:
+                group_state[slot] = xp.zeros_like(p)
+            _member(group_state[slot], offset, shape)[...] = xp.asarray(arr, dtype=p.dtype).reshape(shape)
 
 
 class SGD(Optimizer):

@@ -285,6 +285,7 @@ class VAE(Module):
         if not self.recon.output_is_logits:
             dec.append(Sigmoid())
         self.decoder = Sequential(*dec)
+        self.flatten_parameters()  # one array of parameters, one of gradients: Adam updates them at once
 
     def named_children(self):
         return [("encoder", self.encoder), ("fc_mu", self.fc_mu), ("fc_logvar", self.fc_logvar),

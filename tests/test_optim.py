@@ -60,3 +60,72 @@ def test_adam_state_round_trip_continues_identically(xp):
     numpy.testing.assert_array_equal(backend.to_host(opt1.params[0][1]), backend.to_host(p2))
     with pytest.raises(KeyError, match="q"):
         opt2.load_state_dict({"t": 1, "lr": 0.1, "q/m": numpy.zeros(2)})
+
+
+def tiny_vae(xp):
+    from scratchvae.vae import VAE  # noqa: PLC0415
+
+    return VAE(image_size=8, channels=(2, 3), latent_dim=2, seed=3)
+
+
+def test_vae_parameters_are_views_of_one_array(xp):
+    model = tiny_vae(xp)
+    flat = model.flat_parameters()
+    assert flat is not None
+    flat_p, flat_g = flat
+    assert flat_p.size == flat_g.size == model.num_parameters()
+    model.fc_mu.params["W"][0, 0] = 7.0  # writes through to the one array, and back
+    flat_p[flat_p.size - 1] = -3.0
+    offset = 0
+    for _, p, g in model.named_parameters():
+        numpy.testing.assert_array_equal(backend.to_host(flat_p[offset:offset + p.size]), backend.to_host(p).ravel())
+        offset += p.size
+    assert backend.to_host(model.decoder.layers[-2].params["b"])[-1] == -3.0
+    model.fc_mu.grads["W"][...] = 1.0
+    model.zero_grad()
+    assert not backend.to_host(flat_g).any()
+
+
+def test_deep_copy_of_a_flat_model_falls_back_to_one_array_per_parameter(xp):
+    import copy  # noqa: PLC0415
+
+    clone = copy.deepcopy(tiny_vae(xp))
+    assert clone.flat_parameters() is None  # its params are no longer views of its (copied) flat arrays
+    for _, _, g in clone.named_parameters():
+        g[...] = 1.0
+    clone.zero_grad()  # must zero the gradients the layers use, not a stale flat copy
+    assert not any(backend.to_host(g).any() for _, _, g in clone.named_parameters())
+    assert len(Adam(clone).groups) == len(list(clone.named_parameters()))
+
+
+def test_adam_on_the_flat_array_equals_adam_per_parameter(xp):
+    """One group over the flat array and one group per parameter: the same numbers, the same state dict."""
+    import copy  # noqa: PLC0415
+
+    flat_model = tiny_vae(xp)
+    split_model = copy.deepcopy(flat_model)
+    flat_opt, split_opt = Adam(flat_model, lr=0.01), Adam(split_model, lr=0.01)
+    assert len(flat_opt.groups) == 1 and len(split_opt.groups) > 1
+    rng = backend.rng(9)
+    x = xp.asarray(rng.random((4, 3, 8, 8)).astype(numpy.float32))
+    for step in range(3):
+        eps = xp.asarray(rng.standard_normal((1, 4, 2)).astype(numpy.float32))
+        flat_model.train_step(x, flat_opt, eps=eps)
+        split_model.train_step(x, split_opt, eps=eps)
+    for (name, a, _), (_, b, _) in zip(flat_model.named_parameters(), split_model.named_parameters()):
+        numpy.testing.assert_array_equal(backend.to_host(a), backend.to_host(b), err_msg=name)
+    flat_state, split_state = flat_opt.state_dict(), split_opt.state_dict()
+    assert set(flat_state) == set(split_state) and f"{name}/m" in flat_state
+    for key, value in split_state.items():
+        numpy.testing.assert_array_equal(backend.to_host(flat_state[key]) if hasattr(value, "shape") else flat_state[key],
+                                         backend.to_host(value) if hasattr(value, "shape") else value, err_msg=key)
+    # the per-parameter state loads into the flat optimiser of a fresh model, and training continues identically
+    resumed = tiny_vae(xp)
+    resumed.load_state_dict(split_model.state_dict())
+    resumed_opt = Adam(resumed, lr=0.01)
+    resumed_opt.load_state_dict({k: backend.to_host(v) if hasattr(v, "shape") else v for k, v in split_state.items()})
+    eps = xp.asarray(rng.standard_normal((1, 4, 2)).astype(numpy.float32))
+    resumed.train_step(x, resumed_opt, eps=eps)
+    split_model.train_step(x, split_opt, eps=eps)
+    for (name, a, _), (_, b, _) in zip(resumed.named_parameters(), split_model.named_parameters()):
+        numpy.testing.assert_array_equal(backend.to_host(a), backend.to_host(b), err_msg=name)
