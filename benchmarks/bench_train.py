@@ -149,6 +149,10 @@ def torch_worker(device, preset, batch, args):
     from pytorch_vae import make_train_step  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
+    # float32 arithmetic on both sides: PyTorch lets cuDNN convolutions use TF32 (a 10-bit mantissa) by
+    # default on recent GPUs, while CuPy's matrix products stay float32 unless CUPY_TF32=1
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     base_rss = peak_rss_mb()
     dev = torch.device("cuda" if device == "gpu" else "cpu")
     channels, latent = PRESETS[preset]
@@ -403,6 +407,7 @@ def main(argv=None):
         frameworks.append("torch-cpu")
         if gpu:
             frameworks.append("torch-gpu")
+            print("  PyTorch CUDA: TF32 off (cudnn.allow_tf32, matmul.allow_tf32), float32 like CuPy's products")
     else:
         print("  PyTorch: not installed in this environment, so the comparison is skipped "
               "(install torch to compare; it is not a dependency of scratchvae)")
