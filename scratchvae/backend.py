@@ -111,13 +111,6 @@ def as_strided(a, shape, strides):
     return numpy.lib.stride_tricks.as_strided(a, shape, strides, subok=True, writeable=False)
 
 
-def data_address(a) -> int:
-    """The memory address of ``a``'s first element (host or device): tells whether an array is a view at a given
-    place in another."""
-    pointer = getattr(a.data, "ptr", None)  # a CuPy array's data is a device MemoryPointer
-    return pointer if pointer is not None else a.__array_interface__["data"][0]
-
-
 def to_device(a, dtype=None):
     """Copy a host array (or pass a device one) onto the current device, optionally casting."""
     xp = get_xp()

@@ -199,19 +199,15 @@ class Module:
         return self
 
     def flat_parameters(self):
-        """``(params, grads)``, the two arrays of ``flatten_parameters``, while every parameter and gradient is
-        still the view at its place in them (a deep copy, for one, breaks that); otherwise None."""
+        """``(params, grads)``, the two arrays of ``flatten_parameters``, in the order of ``named_parameters``,
+        while every parameter and gradient is still a view of them (a deep copy, for one, gives each its
+        own memory); otherwise None."""
         if self._flat is None:
             return None
         flat_p, flat_g = self._flat
-        offset = 0
-        for _, p, g in self.named_parameters():
-            for a, flat in ((p, flat_p), (g, flat_g)):
-                if not (a.flags.c_contiguous and backend.data_address(a)
-                        == backend.data_address(flat) + offset * flat.itemsize):
-                    return None
-            offset += int(p.size)
-        return self._flat if offset == flat_p.size else None
+        if all(p.base is flat_p and g.base is flat_g for _, p, g in self.named_parameters()):
+            return self._flat
+        return None
 
     def train(self, mode=True):
         """Training mode (BatchNorm uses batch statistics); returns self."""

@@ -1,0 +1,108 @@
+"""Is a change faster? The training step of this working tree against a git revision, in one process.
+
+    python benchmarks/compare_revisions.py HEAD~1                    # small preset, batch 64, 30 steps each
+    python benchmarks/compare_revisions.py main --preset default --batch 64 --steps 20
+
+On a shared machine the speed of a process drifts by 15-20% from minute to minute, and from one process
+to the next, which hides changes of a few percent when each version runs in its own process. So both
+versions run in the same process, on the same batch, their steps interleaved (A B B A A B ...): both
+meet the same disturbances. It prints the median step of each, the median of the per-pair ratios with
+its quartiles, and a per-layer forward/backward table with the difference. The revision's ``scratchvae``
+package is exported with ``git archive`` into a temporary directory and imported under another name
+(the package uses relative imports only). NumPy only: run it where no GPU is used.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def export_revision(rev, directory):
+    """Write ``rev``'s scratchvae/ into ``directory/scratchvae_rev``; return the import name."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev, "scratchvae"],
+                             check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(directory, filter="data")
+    os.rename(os.path.join(directory, "scratchvae"), os.path.join(directory, "scratchvae_rev"))
+    return "scratchvae_rev"
+
+
+def build(package, preset, batch):
+    """A model of ``package`` on the CPU, its Adam, and the (per-layer timed) step on a fixed batch."""
+    import numpy  # noqa: PLC0415
+
+    sys.path.insert(0, HERE)
+    from bench_train import wrap_layers  # noqa: PLC0415
+
+    backend = importlib.import_module(package + ".backend")
+    vae = importlib.import_module(package + ".vae")
+    optim = importlib.import_module(package + ".optim")
+    backend.set_device("cpu")
+    model = vae.VAE(image_size=64, preset=preset)
+    optimizer = optim.Adam(model, lr=1e-3)
+    images = numpy.random.default_rng(0).integers(0, 256, (batch, 3, 64, 64), dtype=numpy.uint8)
+    x = images.astype(numpy.float32) / 255
+    timers = wrap_layers(model, lambda: None)
+    return (lambda: model.train_step(x, optimizer)), timers
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("rev", help="git revision to compare the working tree with (e.g. HEAD, HEAD~1, main)")
+    p.add_argument("--preset", default="small", choices=["small", "default"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30, help="timed steps of each version")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.path.insert(0, tmp)
+        sys.path.insert(0, ROOT)
+        versions = {args.rev: build(export_revision(args.rev, tmp), args.preset, args.batch),
+                    "working tree": build("scratchvae", args.preset, args.batch)}
+        for step, timers in versions.values():
+            for _ in range(2):  # warm-up: work arrays allocated, caches filled
+                step()
+            for fb in timers.values():
+                fb[:] = [0.0, 0.0]
+        times = {name: [] for name in versions}
+        order = list(versions)
+        for i in range(args.steps):
+            for name in (order if i % 2 == 0 else order[::-1]):
+                t = time.perf_counter()
+                versions[name][0]()
+                times[name].append((time.perf_counter() - t) * 1e3)
+
+    old, new = times[args.rev], times["working tree"]
+    ratios = [a / b for a, b in zip(old, new)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    print(f"{args.preset} preset, batch {args.batch}, {args.steps} interleaved steps each, {args.threads} threads")
+    print(f"  {args.rev}: median step {statistics.median(old):.1f} ms")
+    print(f"  working tree: median step {statistics.median(new):.1f} ms")
+    print(f"  {args.rev} time / working-tree time, per pair of steps: median {statistics.median(ratios):.3f} "
+          f"(quartiles {q1:.3f} - {q3:.3f}; above 1 means the working tree is faster)")
+    print(f"\n{'layer':40s} {args.rev + ' f / b':>17s} {'tree f / b':>17s}  {'difference':>10s}  (ms per step)")
+    old_t, new_t = versions[args.rev][1], versions["working tree"][1]
+    for name in old_t:
+        a = [v / args.steps * 1e3 for v in old_t[name]]
+        b = [v / args.steps * 1e3 for v in new_t.get(name, [0.0, 0.0])]
+        print(f"{name:40s} {a[0]:7.2f} / {a[1]:7.2f} {b[0]:7.2f} / {b[1]:7.2f}  {sum(b) - sum(a):+10.2f}")
+    total = [sum(map(sum, t.values())) / args.steps * 1e3 for t in (old_t, new_t)]
+    print(f"{'all layers':40s} {total[0]:17.1f} {total[1]:17.1f}  {total[1] - total[0]:+10.2f}")
+
+
+if __name__ == "__main__":
+    main()
