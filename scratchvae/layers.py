@@ -179,6 +179,8 @@ class Module:
         An optimiser then updates all the parameters with a few whole-array operations (see
         ``flat_parameters``): on a GPU a few kernels in all, instead of a few for each of dozens of arrays.
         """
+        if self.flat_parameters() is not None:
+            return self  # already done: moving them again would strand an optimiser holding the old arrays
         named = list(self.named_parameters())
         modules = [id(m) for _, m in self.named_modules()]
         if not named or len({p.dtype for _, p, _ in named}) > 1 or len(set(modules)) < len(modules):

@@ -74,6 +74,7 @@ def test_vae_parameters_are_views_of_one_array(xp):
     assert flat is not None
     flat_p, flat_g = flat
     assert flat_p.size == flat_g.size == model.num_parameters()
+    assert model.flatten_parameters().flat_parameters()[0] is flat_p  # a second call keeps the arrays
     model.fc_mu.params["W"][0, 0] = 7.0  # writes through to the one array, and back
     flat_p[flat_p.size - 1] = -3.0
     offset = 0
