@@ -42,7 +42,6 @@ def build(package, preset, batch):
     """A model of ``package`` on the CPU, its Adam, and the (per-layer timed) step on a fixed batch."""
     import numpy  # noqa: PLC0415
 
-    sys.path.insert(0, HERE)
     from bench_train import wrap_layers  # noqa: PLC0415
 
     backend = importlib.import_module(package + ".backend")
@@ -69,8 +68,7 @@ def main(argv=None):
         os.environ[var] = str(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        sys.path.insert(0, tmp)
-        sys.path.insert(0, ROOT)
+        sys.path[:0] = [HERE, ROOT, tmp]  # bench_train's layer timers; this tree's package; the revision's
         versions = {args.rev: build(export_revision(args.rev, tmp), args.preset, args.batch),
                     "working tree": build("scratchvae", args.preset, args.batch)}
         for step, timers in versions.values():
