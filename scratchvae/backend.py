@@ -111,6 +111,22 @@ def as_strided(a, shape, strides):
     return numpy.lib.stride_tricks.as_strided(a, shape, strides, subok=True, writeable=False)
 
 
+def pieces(*arrays, size):
+    """Matching slices, along the first axis, of same-shaped arrays, of about ``size`` numbers each.
+
+    For a few in-place operations over large arrays done piece by piece: on the CPU the operations after
+    the first then find the piece's operands in cache instead of main memory. Device arrays, and arrays
+    of at most ``size`` numbers, come as one piece: on a GPU one kernel per operation is what is fast.
+    """
+    first = arrays[0]
+    if is_device_array(first) or first.size <= size:
+        yield arrays
+        return
+    step = max(1, size // (first.size // len(first)))  # whole rows (or images) of about `size` numbers
+    for start in range(0, len(first), step):
+        yield tuple(a[start:start + step] for a in arrays)
+
+
 def to_device(a, dtype=None):
     """Copy a host array (or pass a device one) onto the current device, optionally casting."""
     xp = get_xp()

@@ -27,7 +27,7 @@ import contextlib
 import math
 
 from . import backend
-from .backend import array_module
+from .backend import array_module, pieces
 
 
 def memory_order(a):
@@ -595,13 +595,18 @@ class ConvTranspose2d(Module):
 
 # ---- per-channel and elementwise arithmetic ---------------------------------------------------------------
 #
-# BatchNorm and the activations are a handful of whole-array operations each. Three habits keep them near
+# BatchNorm and the activations are a handful of whole-array operations each. Four habits keep them near
 # the speed of memory: every operation writes into an array that already exists (``out=``, ``+=``), so no
 # temporary is allocated and page-faulted in; a per-channel vector is applied to rows of k*C numbers
 # (k pixels side by side, the vector tiled k times, ``channel_rows``), because broadcast over rows of only
 # C = 16 or 32 numbers NumPy's inner loop restarts every C numbers and runs two to three times slower;
-# and plain sums over pixels are matrix-vector products with a vector of ones (one BLAS pass, on every
-# core), their k partial sums per channel added in float64. On the GPU each call is one CuPy kernel.
+# plain sums over pixels are matrix-vector products with a vector of ones (one BLAS pass, on every
+# core), their k partial sums per channel added in float64; and the operations that follow each other
+# over one activation run piece by piece (``backend.pieces``, ``PIECE``), so that an activation larger
+# than the cache is read from main memory once, not once per operation. On the GPU each call is one
+# CuPy kernel over the whole array.
+
+PIECE = 1 << 19  # numbers per piece of an activation: 2 MB of float32 per operand, which stays in cache
 
 
 def channel_rows(a):
@@ -623,15 +628,24 @@ def tiled(v, k):
     return array_module(v).tile(v, k)
 
 
+def column_sums(rows, other=None):
+    r"""Sums down the columns of ``rows``: :math:`\sum_r a_{rj}` (a BLAS product with a vector of ones), or with
+    ``other`` :math:`\sum_r a_{rj} b_{rj}` (``einsum``); ``(k*C,)`` in the rows' dtype."""
+    xp = array_module(rows)
+    if other is None:
+        return xp.ones(len(rows), dtype=rows.dtype) @ rows
+    return xp.einsum("ij,ij->j", rows, other)
+
+
+def channel_totals(per_column, k):
+    """Column sums of ``channel_rows`` ``(k*C,)`` -> per-channel totals ``(C,)``, the k partial sums added in float64."""
+    return per_column.reshape(k, -1).sum(axis=0, dtype=array_module(per_column).float64)
+
+
 def pixel_sums(rows, k, other=None):
     r"""Per-channel sums over the pixels of ``rows`` (``channel_rows``): :math:`\sum_p a_{pc}`, or with ``other``
     :math:`\sum_p a_{pc} b_{pc}`; float64 ``(C,)``."""
-    xp = array_module(rows)
-    if other is None:
-        per_column = xp.ones(len(rows), dtype=rows.dtype) @ rows
-    else:
-        per_column = xp.einsum("ij,ij->j", rows, other)
-    return per_column.reshape(k, -1).sum(axis=0, dtype=xp.float64)
+    return channel_totals(column_sums(rows, other), k)
 
 
 class BatchNorm2d(Module):
@@ -662,9 +676,15 @@ class BatchNorm2d(Module):
         m = x.size // x.shape[-1]
         rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
         mean = pixel_sums(rows, k) / m if self.training else rm
-        xc = xp.subtract(rows, tiled(mean.astype(dtype), k), out=self.work_array("xc", rows.shape, dtype, xp))
+        mean_k = tiled(mean.astype(dtype), k)
+        xc = self.work_array("xc", rows.shape, dtype, xp)
+        squares = xp.zeros(rows.shape[1], dtype=xp.float64)  # sum of (x - mean)^2, column by column
+        for x_p, xc_p in pieces(rows, xc, size=PIECE):
+            xp.subtract(x_p, mean_k, out=xc_p)
+            if self.training:
+                squares += column_sums(xc_p, xc_p)
         if self.training:
-            var = pixel_sums(xc, k, xc) / m
+            var = channel_totals(squares, k) / m
             rm += (self.momentum * (mean - rm)).astype(dtype)
             rv += (self.momentum * (var * (m / max(m - 1, 1)) - rv)).astype(dtype)
         else:
@@ -672,30 +692,38 @@ class BatchNorm2d(Module):
         self.m, self.k, self.xc = m, k, xc
         self.inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(dtype)
         y = self.output_array("y", x.shape, dtype, xp)
-        y_rows = xp.multiply(xc, tiled(self.params["gamma"] * self.inv_std, k), out=y.reshape(rows.shape))
-        y_rows += tiled(self.params["beta"], k)
+        scale_k, beta_k = tiled(self.params["gamma"] * self.inv_std, k), tiled(self.params["beta"], k)
+        for xc_p, y_p in pieces(xc, y.reshape(rows.shape), size=PIECE):
+            xp.multiply(xc_p, scale_k, out=y_p)
+            y_p += beta_k
         return y
 
     def backward(self, dy):
         xp, dtype = array_module(dy), dy.dtype
         m, k, xc, inv_std = self.m, self.k, self.xc, self.inv_std
         dy_rows, _ = channel_rows(dy)
-        sum_dy = pixel_sums(dy_rows, k)
-        sum_dy_xhat = pixel_sums(dy_rows, k, xc) * inv_std
-        self.grads["gamma"] += sum_dy_xhat.astype(dtype)
-        self.grads["beta"] += sum_dy.astype(dtype)
-        scale_k = tiled(self.params["gamma"] * inv_std, k)
         dx = self.output_array("dx", dy.shape, dtype, xp)
         dx_rows = dx.reshape(dy_rows.shape)
+        scale_k = tiled(self.params["gamma"] * inv_std, k)
+        sums = xp.zeros((2, dy_rows.shape[1]), dtype=xp.float64)  # of dy and of dy (x - mean), column by column
+        for dy_p, xc_p in pieces(dy_rows, xc, size=PIECE):
+            sums[0] += column_sums(dy_p)
+            sums[1] += column_sums(dy_p, xc_p)
+        sum_dy, sum_dy_xhat = channel_totals(sums[0], k), channel_totals(sums[1], k) * inv_std
+        self.grads["gamma"] += sum_dy_xhat.astype(dtype)
+        self.grads["beta"] += sum_dy.astype(dtype)
         if not self.training:
             xp.multiply(dy_rows, scale_k, out=dx_rows)
             return dx
         # through the batch mean and variance too:
         # dx = gamma/sigma * (dy - mean(dy) - xhat * mean(dy * xhat)), with xhat = xc / sigma
-        xp.multiply(xc, tiled((-sum_dy_xhat * inv_std / m).astype(dtype), k), out=dx_rows)
-        dx_rows += dy_rows
-        dx_rows -= tiled((sum_dy / m).astype(dtype), k)
-        dx_rows *= scale_k
+        xc_scale = tiled((-sum_dy_xhat * inv_std / m).astype(dtype), k)
+        mean_dy = tiled((sum_dy / m).astype(dtype), k)
+        for dy_p, xc_p, dx_p in pieces(dy_rows, xc, dx_rows, size=PIECE):
+            xp.multiply(xc_p, xc_scale, out=dx_p)
+            dx_p += dy_p
+            dx_p -= mean_dy
+            dx_p *= scale_k
         return dx
 
 
@@ -711,16 +739,21 @@ class LeakyReLU(Module):
     def forward(self, x):
         xp = array_module(x)
         self.x = x
-        y = xp.multiply(x, self.slope, out=self.output_like("y", x))
-        return xp.maximum(x, y, out=y)
+        y = self.output_like("y", x)
+        for x_p, y_p in pieces(x, y, size=PIECE):
+            xp.multiply(x_p, self.slope, out=y_p)
+            xp.maximum(x_p, y_p, out=y_p)
+        return y
 
     def backward(self, dy):
         xp = array_module(dy)
-        # dy/dx = 1 where x > 0, slope elsewhere: (x > 0) as 1.0 or 0.0, clipped to [slope, 1]
-        # (NumPy's sign, and maximum with a scalar, are not vectorised; comparison and clip are)
-        dx = xp.greater(self.x, 0, out=self.output_like("dx", dy))
-        xp.clip(dx, self.slope, 1, out=dx)
-        dx *= dy
+        dx = self.output_like("dx", dy)
+        for x_p, dy_p, dx_p in pieces(self.x, dy, dx, size=PIECE):
+            # dy/dx = 1 where x > 0, slope elsewhere: (x > 0) as 1.0 or 0.0, clipped to [slope, 1]
+            # (NumPy's sign, and maximum with a scalar, are not vectorised; comparison and clip are)
+            xp.greater(x_p, 0, out=dx_p)
+            xp.clip(dx_p, self.slope, 1, out=dx_p)
+            dx_p *= dy_p
         return dx
 
 

@@ -1,23 +1,9 @@
 """Optimisers that update parameters in place from the gradients the backward passes accumulated."""
 from __future__ import annotations
 
-from .backend import array_module, is_device_array
+from .backend import array_module, pieces
 
 PIECE = 1 << 14  # numbers per piece: the pieces of a parameter, its gradient and its moments fit in cache
-
-
-def _pieces(*arrays):
-    """Matching cache-sized pieces (flat views) of same-shaped contiguous arrays, updated in place.
-
-    On the CPU an update of several operations then reads and writes main memory once per array,
-    not once per operation; on the GPU each array is one piece.
-    """
-    if is_device_array(arrays[0]):
-        yield arrays
-        return
-    flat = [a.reshape(-1) for a in arrays]  # views: parameters and their state are contiguous
-    for start in range(0, flat[0].size, PIECE):
-        yield tuple(a[start:start + PIECE] for a in flat)
 
 
 def _params(module_or_params):
@@ -147,7 +133,7 @@ class Adam(Optimizer):
             state["m"], state["v"] = xp.zeros_like(p), xp.zeros_like(p)
         bias1 = 1 - self.beta1 ** self.t
         bias2 = 1 - self.beta2 ** self.t
-        for p, g, m, v in _pieces(p, g, state["m"], state["v"]):
+        for p, g, m, v in pieces(p, g, state["m"], state["v"], size=PIECE):
             m *= self.beta1
             m += (1 - self.beta1) * g
             v *= self.beta2

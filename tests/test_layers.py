@@ -404,6 +404,53 @@ def test_channel_rows_and_pixel_sums(xp, shape):
     numpy.testing.assert_array_equal(backend.to_host(rows_s.reshape(shape)), backend.to_host(strided))
 
 
+@pytest.mark.parametrize("shape,size", [((10, 3), 7), ((10, 3), 30), ((5, 2, 4), 9), ((1000,), 64), ((6, 4), 1)])
+def test_pieces_cover_every_row_once_in_order(shape, size):
+    a, b = numpy.arange(numpy.prod(shape)).reshape(shape), -numpy.arange(numpy.prod(shape)).reshape(shape)
+    got = list(backend.pieces(a, b, size=size))
+    assert all(pa.shape == pb.shape and numpy.shares_memory(pa, a) for pa, pb in got)
+    numpy.testing.assert_array_equal(numpy.concatenate([pa for pa, _ in got]), a)
+    numpy.testing.assert_array_equal(numpy.concatenate([pb for _, pb in got]), b)
+    per_row = a.size // len(a)
+    if a.size <= size:
+        assert len(got) == 1
+    else:  # whole rows, as many as fit in `size` numbers (at least one)
+        assert all(len(pa) == max(1, size // per_row) for pa, _ in got[:-1])
+
+
+def test_device_arrays_come_as_one_piece():
+    from strict_device import use_strict_device  # noqa: PLC0415
+
+    with use_strict_device() as dev:
+        a = dev.zeros((100, 10))
+        (piece,) = list(backend.pieces(a, a, size=8))
+        assert piece[0] is a
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: layers.BatchNorm2d(3), (4, 5, 6, 3)),
+    (lambda: layers.BatchNorm2d(3).eval(), (4, 5, 6, 3)),
+    (lambda: layers.LeakyReLU(0.1), (4, 5, 6, 3)),
+])
+def test_elementwise_layers_give_the_same_numbers_piece_by_piece(xp, f64, monkeypatch, make, shape):
+    """With pieces of one row (or one image) each, BatchNorm and LeakyReLU compute what they compute at once."""
+    x, dy = randn(xp, *shape, seed=30), randn(xp, *shape, seed=31)
+    results = []
+    for piece in (1, 10**9):
+        monkeypatch.setattr(layers, "PIECE", piece)
+        layer = make()
+        if isinstance(layer, layers.BatchNorm2d):
+            layer.buffers["running_var"][...] = 2.0
+        y, dx = layer.forward(x), layer.backward(dy)
+        results.append([backend.to_host(a).copy() for a in (y, dx, *layer.grads.values(), *layer.buffers.values())])
+    for a, b in zip(*results):
+        numpy.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(layers, "PIECE", 1)
+    layer = make()
+    report = run_check(f"{type(layer).__name__} (piece by piece)", layer, x)
+    assert report["x"] <= TOL
+
+
 def test_batchnorm_statistics_are_accurate_in_float32(xp):
     """A large float32 batch whose mean is far from zero: mean and variance within 1e-5 of float64 ones."""
     x64 = 1000.0 + 0.5 * backend.rng(24).standard_normal((64, 32, 32, 4))
