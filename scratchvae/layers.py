@@ -13,8 +13,9 @@ PyTorch's layouts so a reader can compare: Linear ``W (out, in)``, Conv2d ``W (o
 ConvTranspose2d ``W (in, out, kh, kw)``, biases ``b (out,)``, BatchNorm ``gamma``, ``beta``.
 
 Speed without a second, slow path: convolutions gather kernel windows through one strided view and
-multiply once (no scatter-adds); elementwise layers write into existing arrays and apply per-channel
-vectors to long rows (``channel_rows``); scratch arrays live from step to step (``Module.work_array``),
+multiply once (no scatter-adds); elementwise layers write into existing arrays, apply per-channel
+vectors to long rows (``channel_rows``) and work through large activations piece by piece, in cache
+(``backend.pieces``); scratch arrays live from step to step (``Module.work_array``),
 and inside a training step layers overwrite their previous outputs (``Module.recycling_outputs``).
 See ``benchmarks/README.md`` for figures.
 
