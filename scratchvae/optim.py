@@ -1,6 +1,8 @@
 """Optimisers that update parameters in place from the gradients the backward passes accumulated."""
 from __future__ import annotations
 
+import math
+
 from .backend import array_module, pieces
 
 PIECE = 1 << 14  # numbers per piece: the pieces of a parameter, its gradient and its moments fit in cache
@@ -15,10 +17,7 @@ def _params(module_or_params):
 
 def _member(a, offset, shape):
     """The view of a group's array that belongs to one parameter: ``shape`` numbers from ``offset`` on."""
-    size = 1
-    for n in shape:
-        size *= n
-    return a.reshape(-1)[offset:offset + size].reshape(shape)
+    return a.reshape(-1)[offset:offset + math.prod(shape)].reshape(shape)
 
 
 class Optimizer:
