@@ -146,6 +146,31 @@ def test_conv2d_forward_matches_naive_loop(xp, f64, s, p):
     numpy.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_gather_reads_zeros_outside_the_image_like_a_padded_copy(xp, f64):
+    """``gather`` with windows reaching past any side (even wholly outside) equals plain windows of a zero-padded copy."""
+    cases = [  # (h, w), top, left, (oh, ow), k, stride
+        ((6, 7), -1, -1, (3, 4), 3, 2), ((6, 7), -1, -1, (6, 7), 3, 1), ((5, 5), -2, -3, (5, 4), 3, 2),
+        ((4, 6), 0, -1, (3, 6), 2, 1), ((3, 3), -4, -4, (6, 5), 3, 2), ((7, 4), 1, -2, (2, 3), 3, 3),
+        ((2, 2), -1, -1, (4, 4), 3, 1), ((6, 7), 0, 0, (4, 5), 3, 1),
+    ]
+    for index, ((h, w), top, left, (oh, ow), k, s) in enumerate(cases):
+        planes = randn(xp, 2, 3, h, w, seed=30 + index)
+        for x in (planes.transpose(0, 2, 3, 1), xp.ascontiguousarray(planes.transpose(0, 2, 3, 1))):
+            module = layers.Module()
+            got = backend.to_host(layers.gather(module, "col", x, top, left, oh, ow, k, k, s, ones_column=True))
+            pad = 10  # more than any window reaches outside
+            big = numpy.zeros((2, h + 2 * pad, w + 2 * pad, 3))
+            big[:, pad:pad + h, pad:pad + w] = backend.to_host(x)
+            want = numpy.lib.stride_tricks.as_strided(big[:, pad + top:, pad + left:], (2, oh, ow, k, k * 3),
+                                                      (big.strides[0], s * big.strides[1], s * big.strides[2],
+                                                       big.strides[1], big.strides[3]))
+            assert got.shape == (2 * oh * ow, 1 + k * k * 3)
+            numpy.testing.assert_array_equal(got[:, 0], 1)
+            numpy.testing.assert_array_equal(got[:, 1:], want.reshape(2 * oh * ow, -1))
+            got2 = backend.to_host(layers.gather(module, "col", 2 * x, top, left, oh, ow, k, k, s, ones_column=True))
+            numpy.testing.assert_array_equal(got2[:, 1:], 2 * want.reshape(2 * oh * ow, -1))  # work arrays reused
+
+
 @pytest.mark.parametrize("s,p,op", [(1, 0, 0), (1, 1, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1)])
 def test_conv_transpose2d_forward_matches_naive_loop(xp, f64, s, p, op):
     layer = layers.ConvTranspose2d(3, 4, 3, stride=s, padding=p, output_padding=op, rng=backend.rng(9))
@@ -462,8 +487,9 @@ def test_batchnorm_statistics_are_accurate_in_float32(xp):
 
 
 def test_sigmoid_matches_the_logistic_function_without_overflow(xp):
-    x = numpy.array([-1e4, -100.0, -3.0, 0.0, 2.5, 100.0, 1e4], dtype=numpy.float32)
-    with numpy.errstate(all="raise"):  # an exp(1e4) anywhere would raise
+    x = numpy.array([-1e4, -100.0, -88.5, -80.0, -3.0, 0.0, 2.5, 100.0, 1e4], dtype=numpy.float32)
+    x = numpy.concatenate([x, numpy.linspace(-40, 40, 801, dtype=numpy.float32)])
+    with numpy.errstate(all="raise"):  # an exp(1e4), or a subnormal result, anywhere would raise
         got = backend.to_host(layers.sigmoid(xp.asarray(x)))
     with numpy.errstate(over="ignore"):
         want = 1 / (1 + numpy.exp(-x.astype(numpy.float64)))
