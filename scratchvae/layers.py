@@ -293,8 +293,9 @@ class Linear(Module):
 # Every convolution below is "gather, then multiply". A gather copies, for every output position, the
 # input numbers its kernel window covers into one row of a column matrix. In NHWC one row of a window,
 # kw neighbouring pixels, is kw*C consecutive numbers, so all the windows of an image are ONE strided view
-# of (a zero-bordered copy of) it, and the gather is ONE contiguous copy out of that view: no loop over
-# kernel offsets, no scatter-add (col2im) anywhere, and every work array is kept from step to step.
+# of it, and the gather is ONE contiguous copy out of that view (plus thin strips for the windows that
+# overlap the zero padding): no loop over kernel offsets, no scatter-add (col2im) anywhere, no padded copy
+# of the image, and every work array is kept from step to step.
 #
 #   Conv2d forward            gather x with stride s (im2col), multiply by W
 #   ConvTranspose2d forward   gather x with stride 1 in sub-pixel windows, multiply, interleave the phases
