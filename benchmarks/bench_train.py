@@ -129,10 +129,10 @@ def wrap_layers(model, sync):
         acc = timers.setdefault(layer_label(name, mod), [0.0, 0.0])
 
         def timed(fn, slot, acc=acc):
-            def run(a):
+            def run(a, **options):
                 sync()
                 t = time.perf_counter()
-                out = fn(a)
+                out = fn(a, **options)
                 sync()
                 acc[slot] += time.perf_counter() - t
                 return out

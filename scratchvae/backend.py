@@ -119,12 +119,19 @@ def pieces(*arrays, size):
     of at most ``size`` numbers, come as one piece: on a GPU one kernel per operation is what is fast.
     """
     first = arrays[0]
-    if is_device_array(first) or first.size <= size:
+    step = piece_rows(first, size)
+    if step >= len(first):
         yield arrays
         return
-    step = max(1, size // (first.size // len(first)))  # whole rows (or images) of about `size` numbers
     for start in range(0, len(first), step):
         yield tuple(a[start:start + step] for a in arrays)
+
+
+def piece_rows(a, size):
+    """How many rows (slices along the first axis) of ``a`` one of its ``pieces`` of ``size`` numbers has."""
+    if is_device_array(a) or a.size <= size:
+        return len(a)
+    return max(1, size // (a.size // len(a)))  # whole rows (or images) of about `size` numbers
 
 
 def to_device(a, dtype=None):

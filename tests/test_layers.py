@@ -476,6 +476,44 @@ def test_elementwise_layers_give_the_same_numbers_piece_by_piece(xp, f64, monkey
     assert report["x"] <= TOL
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("make_activation", [lambda: layers.LeakyReLU(0.1), layers.ReLU])
+def test_batchnorm_applying_the_next_activation_equals_the_two_layers(xp, f64, monkeypatch, training, make_activation):
+    """Sequential runs BatchNorm2d + LeakyReLU as one step (the activation applied inside BatchNorm's passes):
+    the same output, input gradient, parameter gradients and running statistics as the layers one by one."""
+    x, dy = 2 * randn(xp, 4, 5, 6, 3, seed=32) + 0.3, randn(xp, 4, 5, 6, 3, seed=33)
+
+    def make():
+        bn = layers.BatchNorm2d(3)
+        bn.params["gamma"][...] = xp.asarray([1.5, -0.7, 0.9])
+        bn.params["beta"][...] = xp.asarray([0.2, 0.0, -0.4])
+        bn.buffers["running_var"][...] = 2.0
+        return bn.train(training), make_activation()
+
+    bn, act = make()
+    y = act.forward(bn.forward(x))
+    dx = bn.backward(act.backward(dy))
+    want = [backend.to_host(a).copy() for a in (y, dx, *bn.grads.values(), *bn.buffers.values())]
+    for piece in (1, 10**9):
+        monkeypatch.setattr(layers, "PIECE", piece)
+        net = layers.Sequential(*make())
+        assert net.steps() == [(net[0], net[1])]  # joined: the activation runs inside BatchNorm
+        y, dx = net.forward(x), net.backward(dy)
+        got = [backend.to_host(a).copy() for a in (y, dx, *net[0].grads.values(), *net[0].buffers.values())]
+        for a, b in zip(got, want):
+            numpy.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(layers, "PIECE", 1)
+    net = layers.Sequential(*make())
+    report = run_check(f"BatchNorm2d + {type(net[1]).__name__} ({'train' if training else 'eval'})", net, x)
+    assert report["x"] <= TOL
+
+
+def test_sequential_joins_only_a_batchnorm_directly_followed_by_a_leaky_relu():
+    bn, bn2, act, act2, sig = layers.BatchNorm2d(2), layers.BatchNorm2d(2), layers.LeakyReLU(), layers.ReLU(), layers.Sigmoid()
+    assert layers.Sequential(bn, act, act2, bn2, sig).steps() == [(bn, act), (act2, None), (bn2, None), (sig, None)]
+    assert layers.Sequential(act, bn).steps() == [(act, None), (bn, None)]
+
+
 def test_batchnorm_statistics_are_accurate_in_float32(xp):
     """A large float32 batch whose mean is far from zero: mean and variance within 1e-5 of float64 ones."""
     x64 = 1000.0 + 0.5 * backend.rng(24).standard_normal((64, 32, 32, 4))
