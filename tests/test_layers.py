@@ -290,6 +290,28 @@ def test_conv2d_multiply_first_gradients(xp, f64, batch, k, p):
     assert set(report) == {"x", "W", "b"}
 
 
+@pytest.mark.parametrize("images_per_block", [1, 2, 6])
+def test_conv2d_multiply_first_in_blocks_of_images(xp, f64, monkeypatch, images_per_block):
+    """The multiply-first conv works through blocks of images (``TAP_BLOCK``): the same output and gradients
+    as in one block, and correct by finite differences, whatever the block."""
+    x, dy = randn(xp, 6, 5, 6, 4, seed=34), randn(xp, 6, 5, 6, 3, seed=35)
+
+    def run():
+        layer = layers.Conv2d(4, 3, 3, stride=1, padding=1, rng=backend.rng(13))
+        y = layer.forward(x)
+        dx = layer.backward(dy)
+        return layer, [backend.to_host(a).copy() for a in (y, dx, *layer.grads.values())]
+
+    _, want = run()  # one block: TAP_BLOCK holds all six images
+    monkeypatch.setattr(layers, "TAP_BLOCK", images_per_block * 27 * 30)
+    layer, got = run()
+    assert layer._block(x) == (6 if backend.is_device_array(x) else images_per_block)  # a GPU takes all at once
+    for a, b in zip(got, want):
+        numpy.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    report = run_check(f"Conv2d (multiply first, blocks of {images_per_block})", layers.Conv2d(4, 3, 3, padding=1, rng=backend.rng(13)), x)
+    assert report["x"] <= TOL
+
+
 @pytest.mark.parametrize("p", [0, 1, 2])
 def test_conv2d_multiply_first_forward_matches_naive_loop(xp, f64, p):
     layer = layers.Conv2d(5, 2, 3, stride=1, padding=p, rng=backend.rng(14))
