@@ -687,7 +687,9 @@ def channel_rows(a):
 
 def tiled(v, k):
     """A per-channel vector ``v`` ``(C,)`` repeated k times, to match ``channel_rows``."""
-    return array_module(v).tile(v, k)
+    out = array_module(v).empty((k, len(v)), dtype=v.dtype)
+    out[...] = v  # (a third of the time of xp.tile, which is written in Python)
+    return out.reshape(-1)
 
 
 def column_sums(rows, other=None):

@@ -5,7 +5,7 @@ import math
 
 from .backend import array_module, pieces
 
-PIECE = 1 << 14  # numbers per piece: the pieces of a parameter, its gradient and its moments fit in cache
+PIECE = 1 << 17  # numbers per piece: a parameter's piece, its gradient's and its moments' (2 MB in all) stay in cache
 
 
 def _params(module_or_params):
