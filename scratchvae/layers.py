@@ -372,6 +372,10 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
     taps = col[..., one:].reshape(n, oh, ow, kh, kw * c)
     (p0, p1), border_rows = _split(top, stride, kh, h, oh)
     (q0, q1), border_cols = _split(left, stride, kw, w, ow)
+    if backend.is_device_array(x):
+        # on a GPU, where a copy costs a kernel launch more than its bytes, all the windows are one "strip":
+        # a zero-bordered copy of x and one gather, two kernels instead of five
+        (p0, p1), border_rows, border_cols = (0, 0), [(0, oh)], []
     if p0 < p1 and q0 < q1:
         if not x.flags.c_contiguous:  # the images, NCHW memory seen as NHWC: one copy into channels-last
             x = module.padded(name + " x", x, 0, 0, 0, 0)

@@ -146,8 +146,19 @@ def test_conv2d_forward_matches_naive_loop(xp, f64, s, p):
     numpy.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_gather_reads_zeros_outside_the_image_like_a_padded_copy(xp, f64):
-    """``gather`` with windows reaching past any side (even wholly outside) equals plain windows of a zero-padded copy."""
+@pytest.mark.parametrize("stand_in", [False, True])
+def test_gather_reads_zeros_outside_the_image_like_a_padded_copy(xp, f64, stand_in):
+    """``gather`` with windows reaching past any side (even wholly outside) equals plain windows of a zero-padded copy
+    (also on the tests' stand-in device, where it takes one padded copy of the whole image instead of strips)."""
+    if stand_in:
+        from strict_device import use_strict_device  # noqa: PLC0415
+
+        with use_strict_device() as dev:
+            return check_gather(dev)
+    check_gather(xp)
+
+
+def check_gather(xp):
     cases = [  # (h, w), top, left, (oh, ow), k, stride
         ((6, 7), -1, -1, (3, 4), 3, 2), ((6, 7), -1, -1, (6, 7), 3, 1), ((5, 5), -2, -3, (5, 4), 3, 2),
         ((4, 6), 0, -1, (3, 6), 2, 1), ((3, 3), -4, -4, (6, 5), 3, 2), ((7, 4), 1, -2, (2, 3), 3, 3),
