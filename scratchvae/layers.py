@@ -766,7 +766,7 @@ class BatchNorm2d(Module):
         self.inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(dtype)
         y = self.output_array("y", x.shape, dtype, xp)
         scale_k, beta_k = tiled(self.params["gamma"] * self.inv_std, k), tiled(self.params["beta"], k)
-        scratch = self._piece_scratch(xc)
+        scratch = self._piece_scratch(xc) if activation is not None else None
         for xc_p, y_p in pieces(xc, y.reshape(rows.shape), size=PIECE):
             xp.multiply(xc_p, scale_k, out=y_p)
             y_p += beta_k
