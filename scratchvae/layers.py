@@ -416,7 +416,7 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     with no scatter-add. ``module`` lends its work arrays (and ``name``\ s its output array).
     """
     xp = array_module(x)
-    n, h, wd, cin = x.shape
+    n, _, _, cin = x.shape
     cout, kh, kw = w.shape[1:]
     oh, ow = out_hw
     s, one = stride, int(bias is not None)
