@@ -360,7 +360,7 @@ def print_layers(ours, theirs, ours_name, theirs_name, step_ms, preset):
             line += f" {fb:7.1f} / {bb:7.1f} " + (f"{ratio:6.2f}" if name not in joined else "")
         print(line)
     print(f"{'all layers (fwd + bwd)':36s} {tot_a:17.1f}" + (f" {tot_b:17.1f}" if theirs else ""))
-    if ours and "mean_step_ms" in ours:  # from the process the layer times come from, not the median one
+    if ours and "mean_step_ms" in ours:  # means over the same steps: a slow step or two moves a median apart
         print(f"{'rest of the step (loss, Adam, ...)':36s} {ours['mean_step_ms'] - tot_a:17.1f}")
     print(f"{'whole step (median)':36s} {step_ms[0]:17.1f}" + (f" {step_ms[1]:17.1f}" if theirs else ""))
     if theirs:
