@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import array_module, pieces
+from .backend import array_module, piece_rows, pieces
 
 PIECE = 1 << 17  # numbers per piece: a parameter's piece, its gradient's and its moments' (2 MB in all) stay in cache
 
@@ -123,18 +123,33 @@ class Adam(Optimizer):
         super().__init__(params, lr)
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
+        self._scratch = None  # (2, numbers of the largest piece): the step's intermediates
+
+    def _scratch_pieces(self, p):
+        """Two scratch arrays, each as large as the largest of p's pieces, for the step's intermediates.
+
+        So that a step allocates nothing: a fresh temporary of a piece's size is mapped and page-faulted in
+        by the C library on every call, which made the small preset's Adam step four times slower."""
+        xp, size = array_module(p), piece_rows(p, PIECE) * (p.size // len(p))
+        s = self._scratch
+        if s is None or s.shape[1] < size or s.dtype != p.dtype or array_module(s) is not xp:
+            s = self._scratch = xp.empty((2, size), dtype=p.dtype)
+        return s
 
     def _update(self, p, g, state):
         xp = array_module(p)
-        if self.weight_decay:
-            g = g + self.weight_decay * p
         if "m" not in state:
             state["m"], state["v"] = xp.zeros_like(p), xp.zeros_like(p)
         bias1 = 1 - self.beta1 ** self.t
         bias2 = 1 - self.beta2 ** self.t
+        scratch = self._scratch_pieces(p)
         for p, g, m, v in pieces(p, g, state["m"], state["v"], size=PIECE):
+            s, t = (a[:p.size].reshape(p.shape) for a in scratch)
+            if self.weight_decay:
+                g = xp.add(g, xp.multiply(p, self.weight_decay, out=t), out=t)
             m *= self.beta1
-            m += (1 - self.beta1) * g
+            m += xp.multiply(g, 1 - self.beta1, out=s)
             v *= self.beta2
-            v += (1 - self.beta2) * (g * g)
-            p -= (self.lr / bias1) * m / (xp.sqrt(v / bias2) + self.eps)
+            v += xp.multiply(xp.multiply(g, g, out=s), 1 - self.beta2, out=s)
+            denominator = xp.add(xp.sqrt(xp.divide(v, bias2, out=s), out=s), self.eps, out=s)
+            p -= xp.divide(xp.multiply(m, self.lr / bias1, out=t), denominator, out=t)

@@ -47,6 +47,29 @@ def test_adam_two_steps_by_hand(xp):
     numpy.testing.assert_allclose(p, [0.8196959, -1.8488974], atol=1e-7)  # the same, to 7 places
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adam_in_pieces_equals_the_formula_on_the_whole_array(xp, weight_decay):
+    """Adam steps a large array piece by piece through its scratch arrays: the numbers of the formula applied
+    to the whole array at once, operation for operation (so exactly equal), and the gradient is left as it was."""
+    from scratchvae import optim  # noqa: PLC0415
+
+    n = 3 * optim.PIECE + 5  # three whole pieces and a short one
+    rng = backend.rng(4)
+    p0, grads = rng.standard_normal(n), [rng.standard_normal(n) for _ in range(3)]
+    p, g = xp.asarray(p0.copy()), xp.zeros(n)
+    opt = Adam([("p", p, g)], lr=0.01, weight_decay=weight_decay)
+    want, m, v = p0.copy(), numpy.zeros(n), numpy.zeros(n)
+    for t, grad in enumerate(grads, start=1):
+        g[...] = xp.asarray(grad)
+        opt.step()
+        numpy.testing.assert_array_equal(backend.to_host(g), grad)
+        grad = grad + weight_decay * want if weight_decay else grad
+        m = 0.9 * m + (1 - 0.9) * grad
+        v = 0.999 * v + (1 - 0.999) * (grad * grad)
+        want -= (0.01 / (1 - 0.9 ** t)) * m / (numpy.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    numpy.testing.assert_array_equal(backend.to_host(p), want)
+
+
 def test_adam_state_round_trip_continues_identically(xp):
     p1, opt1 = two_steps(xp, Adam, lr=0.1)
     state = {k: (backend.to_host(v) if hasattr(v, "shape") else v) for k, v in opt1.state_dict().items()}
