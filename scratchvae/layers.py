@@ -663,20 +663,23 @@ class ConvTranspose2d(Module):
 #
 # BatchNorm and the activations are a handful of whole-array operations each. Four habits keep them near
 # the speed of memory: every operation writes into an array that already exists (``out=``, ``+=``), so no
-# temporary is allocated and page-faulted in; a per-channel vector is applied to rows of k*C numbers
-# (k pixels side by side, the vector tiled k times, ``channel_rows``), because broadcast over rows of only
-# C = 16 or 32 numbers NumPy's inner loop restarts every C numbers and runs two to three times slower;
+# temporary is allocated and page-faulted in; a per-channel vector is applied to long rows of k*C numbers
+# (k pixels side by side, the vector tiled k times, ``channel_rows``), because NumPy's inner loop restarts
+# at every row of a broadcast: over rows of only C = 16 or 32 numbers it runs two to three times slower,
+# and over rows of 1024 numbers (one 4 KB page) a third of the memory layouts tried ran the operation four
+# to five times slower (an aliasing effect of the cache; rows of 8192 numbers showed none, see ``ROW``);
 # plain sums over pixels are matrix-vector products with a vector of ones (one BLAS pass, on every
 # core), their k partial sums per channel added in float64; and the operations that follow each other
 # over one activation run piece by piece (``backend.pieces``, ``PIECE``), so that an activation larger
 # than the cache is read from main memory once, not once per operation. On the GPU each call is one
 # CuPy kernel over the whole array.
 
+ROW = 8192  # numbers per row of channel_rows (k pixels of C channels) at least, where the pixels allow
 PIECE = 1 << 19  # numbers per piece of an activation: 2 MB of float32 per operand, which stays in cache
 
 
 def channel_rows(a):
-    """``a`` ``(..., C)`` viewed as ``(R, k*C)``, rows of k whole pixels (k*C about 1024), and k.
+    """``a`` ``(..., C)`` viewed as ``(R, k*C)``, rows of k whole pixels (k*C about ``ROW``), and k.
 
     Copies ``a`` only if it is not contiguous."""
     xp = array_module(a)
@@ -684,7 +687,7 @@ def channel_rows(a):
     c = a.shape[-1]
     pixels = a.size // c
     k = 1
-    while k * c < 1024 and pixels % (2 * k) == 0:
+    while k * c < ROW and pixels % (2 * k) == 0:
         k *= 2
     return a.reshape(pixels // k, k * c), k
 

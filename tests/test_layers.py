@@ -447,7 +447,7 @@ def test_channel_rows_and_pixel_sums(xp, shape):
     y = xp.asarray(backend.rng(23).standard_normal(shape).astype(numpy.float32))
     rows, k = layers.channel_rows(x)
     c = shape[-1]
-    assert rows.shape == (x.size // c // k, k * c) and (k * c >= 1024 or (x.size // c) % (2 * k))
+    assert rows.shape == (x.size // c // k, k * c) and (k * c >= layers.ROW or (x.size // c) % (2 * k))
     v = xp.asarray(numpy.arange(c, dtype=numpy.float32))
     numpy.testing.assert_array_equal(backend.to_host((rows * layers.tiled(v, k)).reshape(shape)),
                                      backend.to_host(x * v))  # a tiled vector meets each pixel's own channels
