@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -275,12 +276,15 @@ def torch_available():
 
 
 def merge_rounds(runs):
-    """One result from several processes: their median step times, and the largest peak memory."""
+    """One result from several processes: their median step times (sorted, and in the order the processes
+    ran, None for a failed one), and the largest peak memory."""
+    in_order = [r["step_s"][len(r["step_s"]) // 2] if r else None for r in runs]
     runs = [r for r in runs if r]
     if not runs:
         return None
     merged = dict(runs[0])
-    merged["step_s"] = sorted(r["step_s"][len(r["step_s"]) // 2] for r in runs)
+    merged["step_s"] = sorted(t for t in in_order if t is not None)
+    merged["round_step_s"] = in_order
     for key in ("peak_rss_mb", "peak_device_mb"):
         if key in merged:
             merged[key] = max(r[key] for r in runs)
@@ -311,6 +315,12 @@ def print_throughput(results, frameworks, args):
             print(f"{preset:8s} {batch:5d}  " + "  ".join(cells))
 
 
+def paired_ratios(a, b):
+    """images/s ratios of the processes that ran one right after the other (round i of each framework):
+    the host's load drifts over minutes, so neighbours in time compare more fairly than the two medians."""
+    return sorted(tb / ta for ta, tb in zip(a["round_step_s"], b["round_step_s"]) if ta and tb)
+
+
 def print_ratios(results, pairs, args):
     print("\n== Ratio scratchvae / PyTorch (images/s; >= 1.0 means scratchvae is at least as fast) ==")
     for ours, theirs in pairs:
@@ -319,7 +329,13 @@ def print_ratios(results, pairs, args):
                 a, b = results.get((ours, preset, batch)), results.get((theirs, preset, batch))
                 if a and b:
                     ratio = summarize(a, batch)[0] / summarize(b, batch)[0]
-                    print(f"{ours:>14s} / {theirs:<10s} {preset:8s} batch {batch:4d}: {ratio:5.2f}")
+                    line = f"{ours:>14s} / {theirs:<10s} {preset:8s} batch {batch:4d}: {ratio:5.2f}"
+                    paired = paired_ratios(a, b)
+                    if len(paired) > 1:
+                        ahead = sum(r >= 1.0 for r in paired)
+                        line += (f"   (process by process: median {statistics.median_low(paired):.2f}, "
+                                 f"{paired[0]:.2f}-{paired[-1]:.2f}, at least 1.0 in {ahead} of {len(paired)})")
+                    print(line)
 
 
 def print_memory(results):
