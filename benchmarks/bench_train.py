@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None,
                    help="fresh processes per configuration, frameworks alternating (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
+    p.add_argument("--devices", nargs="+", choices=("cpu", "gpu"), default=("cpu", "gpu"),
+                   help="which devices to time (default both, the GPU where one is usable); "
+                        "--devices gpu skips the CPU runs, for a GPU machine lent for a short time")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
     p.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "PRESET", "BATCH"), help=argparse.SUPPRESS)
@@ -385,7 +388,7 @@ def print_layers(ours, theirs, ours_name, theirs_name, step_ms, preset):
               " the model, so its column does not add up to its step)")
 
 
-def batch_assembly(step_ms, args):
+def batch_assembly(step_ms, args, framework):
     print("\n== Batch assembly from a uint8 memory-mapped cache (scratchvae.data.Batches) ==")
     try:
         import numpy  # noqa: PLC0415
@@ -411,7 +414,8 @@ def batch_assembly(step_ms, args):
             for _ in range(count):
                 next(it)
             ms = (time.perf_counter() - t) / count * 1e3
-            share = f", {ms / step_ms[batch] * 100:.1f}% of the default model's step" if batch in step_ms else ""
+            share = f", {ms / step_ms[batch] * 100:.1f}% of the default model's step ({framework})" \
+                if batch in step_ms else ""
             print(f"  batch {batch:4d}: {ms:6.2f} ms per batch (shuffled gather + uint8 -> float32){share}")
 
 
@@ -425,13 +429,16 @@ def main(argv=None):
     lines, gpu = environment(args)
     for line in lines:
         print("  " + line)
-    frameworks = ["scratchvae-cpu"] + (["scratchvae-gpu"] if gpu else [])
+    devices = [d for d in args.devices if d == "cpu" or gpu]
+    if not devices:
+        print("  nothing to time: --devices gpu, but no GPU is usable")
+        return 1
+    frameworks = [f"scratchvae-{d}" for d in devices]
     if args.no_torch:
         print("  PyTorch: skipped (--no-torch)")
     elif torch_available():
-        frameworks.append("torch-cpu")
-        if gpu:
-            frameworks.append("torch-gpu")
+        frameworks += [f"torch-{d}" for d in devices]
+        if "gpu" in devices:
             print("  PyTorch CUDA: TF32 off (cudnn.allow_tf32, matmul.allow_tf32), float32 like CuPy's products")
     else:
         print("  PyTorch: not installed in this environment, so the comparison is skipped "
@@ -459,8 +466,9 @@ def main(argv=None):
         print_ratios(results, pairs, args)
     print_memory(results)
 
-    step_ms = {b: summarize(results[("scratchvae-cpu", "default", b)], b)[1]
-               for b in args.batches if results.get(("scratchvae-cpu", "default", b))}
+    ours = f"scratchvae-{devices[0]}"  # the batch assembly is compared with this step
+    step_ms = {b: summarize(results[(ours, "default", b)], b)[1]
+               for b in args.batches if results.get((ours, "default", b))}
     if not args.no_layers:
         for ours_fw, theirs_fw in [("scratchvae-cpu", "torch-cpu"), ("scratchvae-gpu", "torch-gpu")]:
             if ours_fw not in frameworks:
@@ -471,9 +479,9 @@ def main(argv=None):
                 if ours:
                     steps = (summarize(ours, 64)[1], summarize(theirs, 64)[1] if theirs else 0.0)
                     print_layers(ours, theirs, ours_fw, theirs_fw, steps, preset)
-    batch_assembly(step_ms, args)
+    batch_assembly(step_ms, args, ours)
     print(f"\n  {load()} (after)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
