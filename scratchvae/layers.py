@@ -675,7 +675,7 @@ class ConvTranspose2d(Module):
 # CuPy kernel over the whole array.
 
 ROW = 8192  # numbers per row of channel_rows (k pixels of C channels) at least, where the pixels allow
-PIECE = 1 << 19  # numbers per piece of an activation: 2 MB of float32 per operand, which stays in cache
+PIECE = 1 << 18  # numbers per piece of an activation: 1 MB of float32 per operand, which stays in cache
 
 
 def channel_rows(a):
