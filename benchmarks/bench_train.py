@@ -466,9 +466,9 @@ def main(argv=None):
         print_ratios(results, pairs, args)
     print_memory(results)
 
-    ours = f"scratchvae-{devices[0]}"  # the batch assembly is compared with this step
-    step_ms = {b: summarize(results[(ours, "default", b)], b)[1]
-               for b in args.batches if results.get((ours, "default", b))}
+    stepping = f"scratchvae-{devices[0]}"  # the batch assembly is compared with this framework's step
+    step_ms = {b: summarize(results[(stepping, "default", b)], b)[1]
+               for b in args.batches if results.get((stepping, "default", b))}
     if not args.no_layers:
         for ours_fw, theirs_fw in [("scratchvae-cpu", "torch-cpu"), ("scratchvae-gpu", "torch-gpu")]:
             if ours_fw not in frameworks:
@@ -479,7 +479,7 @@ def main(argv=None):
                 if ours:
                     steps = (summarize(ours, 64)[1], summarize(theirs, 64)[1] if theirs else 0.0)
                     print_layers(ours, theirs, ours_fw, theirs_fw, steps, preset)
-    batch_assembly(step_ms, args, ours)
+    batch_assembly(step_ms, args, stepping)
     print(f"\n  {load()} (after)")
 
 
