@@ -128,8 +128,9 @@ class Adam(Optimizer):
     def _scratch_pieces(self, p):
         """Two scratch arrays, each as large as the largest of p's pieces, for the step's intermediates.
 
-        So that a step allocates nothing: a fresh temporary of a piece's size is mapped and page-faulted in
-        by the C library on every call, which made the small preset's Adam step four times slower."""
+        So that a step allocates nothing: in some heap states the C library maps a fresh temporary of a
+        piece's size, and page-faults it in, on every call, which made the small preset's Adam step four
+        times slower."""
         xp, size = array_module(p), piece_rows(p, PIECE) * (p.size // len(p))
         s = self._scratch
         if s is None or s.shape[1] < size or s.dtype != p.dtype or array_module(s) is not xp:
