@@ -361,9 +361,11 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
     reaches outside x (a negative ``top`` is padding) it reads zeros. The windows that lie inside x are one
     copy out of ``windows(x)``; only the thin border strips of windows that do not are gathered out of small
     zero-bordered copies of the few rows or columns they read, so on the CPU x itself is never copied into
-    a padded array (on a GPU it is: two kernels beat five). With ``ones_column`` the matrix has a first column of ones. Multiplied by a weight matrix whose
-    first row is the bias, the product then adds the bias itself, with no pass of its own over the output;
-    and in backward, col^T dy has the bias gradient (the sum of dy) as its first row.
+    a padded array (on a GPU it is: two kernels beat five).
+
+    With ``ones_column`` the matrix has a first column of ones. Multiplied by a weight matrix whose first
+    row is the bias, the product then adds the bias itself, with no pass of its own over the output; and
+    in backward, col^T dy has the bias gradient (the sum of dy) as its first row.
     """
     xp = array_module(x)
     n, h, w, c = x.shape
