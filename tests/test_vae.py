@@ -298,6 +298,46 @@ def smooth_images(n, size, seed):
     return numpy.kron(low, numpy.ones((size // 4, size // 4))).astype(numpy.float32)
 
 
+@pytest.mark.parametrize("kw", [{}, {"recon": "bce", "mc_samples": 2}])
+def test_gpu_code_path_gives_the_cpu_numbers(f64, monkeypatch, kw):
+    """Training steps on the tests' stand-in device, where the layers take their GPU branches (each elementwise
+    operation over a whole array at once, one zero-padded gather per convolution), give the losses, gradients,
+    parameters and BatchNorm statistics of the CPU branches, here run in pieces of a few rows (float64)."""
+    from scratchvae import layers, optim  # noqa: PLC0415
+    from strict_device import use_strict_device  # noqa: PLC0415
+
+    monkeypatch.setattr(layers, "PIECE", 50)  # many pieces on the CPU, so that both branches are really different
+    monkeypatch.setattr(optim, "PIECE", 50)
+    images = backend.rng(40).random((5, 3, 16, 16))
+    noise = [randn(kw.get("mc_samples", 1), 5, 4, seed=41 + step) for step in range(2)]
+
+    def train(to_device):
+        model = VAE(image_size=16, preset="tiny", seed=3, **kw)
+        model.load_state_dict({k: to_device(host(v)) for k, v in host_start.items()})
+        optimizer = Adam(model, lr=1e-2)
+        logs = [model.train_step(to_device(images), optimizer, eps=to_device(eps)) for eps in noise]
+        grads = {name: host(g) for name, _, g in model.named_parameters()}
+        return logs, grads, {k: host(v) for k, v in model.state_dict().items()}
+
+    backend.set_device("cpu")
+    host_start = VAE(image_size=16, preset="tiny", seed=3, **kw).state_dict()
+    want = train(numpy.asarray)
+    with use_strict_device() as dev:
+        got = train(dev.asarray)
+        assert all(backend.is_device_array(p) for _, p, _ in VAE(image_size=16, preset="tiny").named_parameters())
+    for got_logs, want_logs in zip(got[0], want[0]):
+        for key in want_logs:
+            assert got_logs[key] == pytest.approx(want_logs[key], rel=1e-12), key
+    # a conv bias that feeds a BatchNorm gets a gradient of pure rounding noise (about 1e-16: BatchNorm
+    # subtracts the mean), which Adam divides by its eps = 1e-8: such biases, and the running means after
+    # them, then differ by up to about 1e-9 between any two orders of summation
+    for got_arrays, want_arrays, atol in zip(got[1:], want[1:], (1e-12, 1e-8)):
+        assert got_arrays.keys() == want_arrays.keys()
+        for name in want_arrays:
+            numpy.testing.assert_allclose(got_arrays[name], want_arrays[name], rtol=1e-9, atol=atol, err_msg=name)
+    assert any(not numpy.array_equal(want[2][k], host(v)) for k, v in host_start.items())  # the steps changed them
+
+
 @pytest.mark.slow
 def test_small_model_overfits_one_batch(xp):
     """The small preset on one fixed batch of 16 images: the loss falls by a clear factor in 150 steps."""
