@@ -1,0 +1,143 @@
+"""How many array operations one training step issues on the GPU code path: each is at least one CuPy kernel launch.
+
+    python benchmarks/count_ops.py                      # default and small presets
+    python benchmarks/count_ops.py --presets small --by-line
+
+On a GPU every array operation is a kernel launch, and CuPy spends some microseconds of Python and driver
+time on each; for the small layers of this VAE that, not the GPU's arithmetic, sets the pace. The count
+needs no GPU: the step runs on the tests' stand-in device (``tests/strict_device.py``: NumPy arrays that
+take the code's device branches, as CuPy arrays do), and every ufunc call, NumPy function, assignment into
+an array, filled constructor (zeros, ones, full) and ``astype`` that converts is counted once, attributed
+to the innermost layer running. It is a lower bound on launches: CuPy runs some operations (einsum, a copy
+of a strided view, a matrix product's setup) as several kernels, and allocations are not counted.
+The count does not depend on the batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import numpy  # noqa: E402
+import strict_device  # noqa: E402
+
+from scratchvae import layers  # noqa: E402
+from scratchvae.optim import Adam  # noqa: E402
+from scratchvae.vae import VAE  # noqa: E402
+
+
+class Counter:
+    """Counts operations on DeviceArrays while ``active``, keyed by the innermost running layer (or function)."""
+
+    def __init__(self):
+        self.active = False
+        self.by_owner = collections.Counter()
+        self.by_line = collections.Counter()
+
+    def note(self):
+        if not self.active:
+            return
+        frame = sys._getframe(2)
+        owner = line = None
+        while frame is not None:
+            code = frame.f_code
+            if line is None and "scratchvae" in code.co_filename.split(os.sep):
+                line = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}"
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, layers.Module) and not isinstance(obj, (layers.Sequential, VAE)):
+                owner = type(obj).__name__
+                break
+            if isinstance(obj, Adam):
+                owner = "Adam"
+                break
+            frame = frame.f_back
+        self.by_owner[owner or "VAE (loss, KL, reparameterization)"] += 1
+        self.by_line[line or "?"] += 1
+
+
+ORIGINAL = (strict_device.DeviceArray.__array_ufunc__, strict_device.DeviceArray.__array_function__,
+            strict_device.DeviceArray.__setitem__, strict_device.DeviceArray.astype, strict_device.make_strict_module)
+
+
+def install(counter):
+    """Patch the stand-in's array type and constructors to report to ``counter`` (replacing any earlier one)."""
+    cls = strict_device.DeviceArray
+    ufunc, function, setitem, astype, module = ORIGINAL
+
+    def counted_ufunc(self, *args, **kwargs):
+        counter.note()
+        return ufunc(self, *args, **kwargs)
+
+    def counted_function(self, *args, **kwargs):
+        counter.note()
+        return function(self, *args, **kwargs)
+
+    def counted_setitem(self, key, value):
+        counter.note()
+        return setitem(self, key, value)
+
+    def counted_astype(self, dtype, *args, **kwargs):
+        if numpy.dtype(dtype) != self.dtype or kwargs.get("copy", True):
+            counter.note()
+        return astype(self, dtype, *args, **kwargs)
+
+    cls.__array_ufunc__, cls.__array_function__ = counted_ufunc, counted_function
+    cls.__setitem__, cls.astype = counted_setitem, counted_astype
+
+    def make_counting_module():
+        mod = module()
+        for name in ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "ascontiguousarray"):
+            make = getattr(mod, name)
+
+            def filled(*args, _make=make, _name=name, **kwargs):
+                if _name != "ascontiguousarray" or not args[0].flags.c_contiguous:  # (else no copy)
+                    counter.note()
+                return _make(*args, **kwargs)
+            setattr(mod, name, filled)
+        return mod
+    strict_device.make_strict_module = make_counting_module
+
+
+def count(preset, batch, counter, steps=1):
+    """Operations in one training step of ``preset`` (after two warm-up steps), noted in ``counter``
+    (installed with ``install``)."""
+    with strict_device.use_strict_device() as dev:
+        model = VAE(image_size=64, preset=preset)
+        optimizer = Adam(model, lr=1e-3)
+        x = dev.asarray(numpy.random.default_rng(0).random((batch, 3, 64, 64), dtype=numpy.float32))
+        for _ in range(2):
+            model.train_step(x, optimizer)
+        counter.active = True
+        for _ in range(steps):
+            model.train_step(x, optimizer)
+        counter.active = False
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["default", "small"])
+    p.add_argument("--batch", type=int, default=4, help="images per step (the count does not depend on it)")
+    p.add_argument("--by-line", action="store_true", help="also list the source lines that issue the most")
+    args = p.parse_args(argv)
+    for preset in args.presets:
+        counter = Counter()
+        install(counter)
+        count(preset, args.batch, counter)
+        total = sum(counter.by_owner.values())
+        print(f"\n{preset} preset: {total} array operations per training step on the GPU code path")
+        print("| where | operations |\n|---|---:|")
+        for owner, n in counter.by_owner.most_common():
+            print(f"| {owner} | {n} |")
+        if args.by_line:
+            print("\nsource lines issuing the most:")
+            for line, n in counter.by_line.most_common(25):
+                print(f"{n:6d}  {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

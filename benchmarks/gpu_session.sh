@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# What a session lent a GPU machine runs there, in one call of the device tool (about 8 minutes at most):
+#
+#     run(command="bash benchmarks/gpu_session.sh", timeout_s=600)
+#
+# 1. environment: the GPU, CuPy, NumPy and PyTorch versions;
+# 2. tests: every test's CuPy copy (`pytest -m gpu`), the gradient checks included, in float64 on the GPU;
+# 3. example: examples/celeba.py on the built-in faces, 300 steps on the GPU, its outputs checked;
+# 4. benchmark: bench_train.py, CuPy against PyTorch CUDA at batch 128 (the issue's target), both presets,
+#    with the per-layer breakdown.
+#
+# It uses that machine's own python3 (CuPy for CUDA 13, PyTorch CUDA, pytest, Pillow and Matplotlib are
+# installed there; nothing can be fetched) with this checkout on PYTHONPATH, so nothing is installed.
+# Each step has its own time limit, and a failed step does not stop the next. The logs go to $OUT (which the
+# device tool sends back), or to ./gpu-session elsewhere; the exit status is 1 if any step failed.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-session}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its output to the screen and $out/NAME.txt
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (at most ${limit} s): $*"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" = 0 ] || failed+=("$name")
+  return "$rc"
+}
+
+step environment 60 "$py" -c '
+import numpy, cupy
+from scratchvae import backend
+print("numpy", numpy.__version__, "cupy", cupy.__version__, "CUDA runtime", cupy.cuda.runtime.runtimeGetVersion())
+print("GPU:", cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())
+print("scratchvae sees a usable GPU:", backend.gpu_available())
+try:
+    import torch
+    print("torch", torch.__version__, "CUDA available:", torch.cuda.is_available())
+except ImportError:
+    print("no torch: the benchmark will time CuPy alone")
+assert backend.gpu_available(), "CuPy cannot run a kernel here: every GPU test would skip"
+'
+
+xdist=()
+"$py" -c "import xdist" 2>/dev/null && xdist=(-n 4)  # the tests are launch-bound: four processes share the GPU
+step tests 200 "$py" -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rs
+
+if step example 90 "$py" examples/celeba.py --device gpu --max-steps 300 --no-progress --out "$out/run"; then
+  for f in vae_mse.png vae_kld.png vae_recons.png samples.png checkpoint.npz summary.json; do
+    [ -s "$out/run/$f" ] || { echo "example: $out/run/$f is missing"; failed+=("example-output-$f"); }
+  done
+  cat "$out/run/summary.json"
+fi
+
+step benchmark 240 "$py" benchmarks/bench_train.py --devices gpu --batches 128 --rounds 2
+
+rm -rf "$out/run"  # the device tool sends back only a few files; the logs above say what the run wrote
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all steps passed"
