@@ -13,7 +13,6 @@ it imports and sees a GPU, NumPy otherwise), or explicitly with ``set_device``.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 
 import numpy
@@ -133,33 +132,6 @@ def piece_rows(a, size):
     if is_device_array(a) or a.size <= size:
         return len(a)
     return max(1, size // (a.size // len(a)))  # whole rows (or images) of about `size` numbers
-
-
-def blas_thread_setter():
-    """OpenBLAS's ``openblas_set_num_threads_local(n)``, which sets the BLAS threads of the calling thread's own
-    matrix products (OpenBLAS 0.3.27 and later, as in NumPy's wheels); None where NumPy's BLAS has no such call.
-
-    Found among the shared libraries this process has loaded (``/proc/self/maps``, so Linux only).
-    """
-    if "setter" not in _blas:
-        _blas["setter"] = None
-        try:
-            with open("/proc/self/maps") as maps:
-                paths = sorted({line.split()[-1] for line in maps if "openblas" in line.split()[-1].lower()})
-        except (OSError, IndexError):
-            paths = []
-        for path in paths:
-            try:
-                setter = ctypes.CDLL(path).openblas_set_num_threads_local
-            except (OSError, AttributeError):
-                continue
-            setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
-            _blas["setter"] = setter
-            break
-    return _blas["setter"]
-
-
-_blas = {}
 
 
 def to_device(a, dtype=None):

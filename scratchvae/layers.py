@@ -24,11 +24,8 @@ Nothing here imports NumPy: every array op goes through ``xp``, the module ownin
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import math
-import os
-import threading
 
 from . import backend
 from .backend import array_module, piece_rows, pieces
@@ -41,52 +38,6 @@ def memory_order(a):
 
 def _inverse(order):
     return [order.index(axis) for axis in range(len(order))]
-
-
-# ---- weight gradients on a second thread ----------------------------------------------------------------
-#
-# Backward is a chain: each layer's dL/dx feeds the layer before it. A convolution's weight gradient,
-# a matrix product col^T dy, is off that chain: nothing reads it before the optimiser's step. On the CPU
-# the chain spends much of its time in NumPy's elementwise operations (BatchNorm, LeakyReLU), which run on
-# one core, so inside ``gradients_in_background()`` the weight-gradient products run on a second thread
-# meanwhile, with one BLAS thread of their own (``backend.blas_thread_setter``): the second core does
-# them while the first goes on down the chain. The block waits for them all before it ends, so the
-# gradients are complete once it has ended. (A product on one BLAS thread may round its last bits
-# differently from one on two; the results do not depend on timing.)
-
-_background = {"pool": None, "pid": None}
-_blocks = threading.local()  # per calling thread: how deep in gradients_in_background(), and its jobs
-
-
-def _gradient_thread():
-    """The thread pool (one thread, one BLAS thread) for weight gradients; None where the BLAS cannot be told
-    to use one thread for that thread alone (then a second thread would only compete for the cores)."""
-    setter = backend.blas_thread_setter()
-    if setter is None:
-        return None
-    if _background["pid"] != os.getpid():  # none yet, or this is a forked child, where the parent's thread is not
-        _background["pool"] = concurrent.futures.ThreadPoolExecutor(1, "scratchvae-grads", lambda: setter(1))
-        _background["pid"] = os.getpid()
-    return _background["pool"]
-
-
-@contextlib.contextmanager
-def gradients_in_background():
-    """Within the block, layers may compute their weight gradients on a second thread (CPU only, see above);
-    the outermost block waits for them all (and raises a failure of any) before it ends."""
-    if not getattr(_blocks, "depth", 0):
-        _blocks.depth, _blocks.jobs = 0, []
-    _blocks.depth += 1
-    jobs = []
-    try:
-        yield
-    finally:  # even when the block fails, no job may go on writing into the gradients after it
-        _blocks.depth -= 1
-        if _blocks.depth == 0:
-            jobs, _blocks.jobs = _blocks.jobs, []
-            concurrent.futures.wait(jobs)
-    for job in jobs:
-        job.result()  # a job's exception, raised here
 
 
 class Module:
@@ -117,18 +68,6 @@ class Module:
 
     def __call__(self, x):
         return self.forward(x)
-
-    def add_gradients(self, job, *arrays):
-        """Run ``job()``, which adds into ``self.grads`` from ``arrays``, now, or on the weight-gradient thread
-        inside ``gradients_in_background()`` when the arrays are NumPy's. The arrays must stay unchanged until
-        the block ends: a layer's work arrays and the dL/dy it was given do."""
-        pool = None
-        if getattr(_blocks, "depth", 0) and not any(backend.is_device_array(a) for a in arrays):
-            pool = _gradient_thread()
-        if pool is None:
-            job()
-        else:
-            _blocks.jobs.append(pool.submit(job))
 
     # -- work arrays -----------------------------------------------------------------------------
     def work_array(self, name, shape, dtype, xp, zero=False, tag=None):
@@ -578,16 +517,12 @@ class Conv2d(Module):
         if self.multiply_first:
             return self._backward_multiply_first(dy)
         n, h, w, c = self.x_shape
-        col, dy_rows = self.col, dy.reshape(-1, self.out_channels)
-
-        def weight_gradient():
-            # dW = col^T dy, reshaped back to PyTorch's (out, in, kh, kw); its first row, from the ones column, is db
-            dw = sum_over_rows(col, dy_rows)
-            one = int("b" in self.params)
-            self.grads["W"] += dw[one:].reshape(self.kh, self.kw, c, self.out_channels).transpose(3, 2, 0, 1)
-            if one:
-                self.grads["b"] += dw[0]
-        self.add_gradients(weight_gradient, col, dy_rows)
+        # dW = col^T dy, reshaped back to PyTorch's (out, in, kh, kw); its first row, from the ones column, is db
+        dw = sum_over_rows(self.col, dy.reshape(-1, self.out_channels))
+        one = int("b" in self.params)
+        self.grads["W"] += dw[one:].reshape(self.kh, self.kw, c, self.out_channels).transpose(3, 2, 0, 1)
+        if one:
+            self.grads["b"] += dw[0]
         if not self.input_grad:
             return None
         # dx: every output pixel sends dy W back over its window, i.e. the transposed convolution of dy
@@ -714,15 +649,12 @@ class ConvTranspose2d(Module):
         n, _, _, cout = dy.shape
         (h, w), p = self.in_hw, self.padding
         # the windows of dy that every input pixel scattered onto: im2col of dy with stride s
-        dcol, x2 = gather(self, "dcol", dy, -p, -p, h, w, self.kh, self.kw, self.stride), self.x2
-
-        def weight_gradient():
-            dw = sum_over_rows(dcol, x2)  # (kh*kw*out, in)
-            self.grads["W"] += dw.reshape(self.kh, self.kw, cout, self.in_channels).transpose(3, 2, 0, 1)
-            if "b" in self.params:
-                dy_rows, k = channel_rows(dy)
-                self.grads["b"] += pixel_sums(dy_rows, k).astype(dy.dtype)
-        self.add_gradients(weight_gradient, dcol, x2, dy)
+        dcol = gather(self, "dcol", dy, -p, -p, h, w, self.kh, self.kw, self.stride)
+        dw = sum_over_rows(dcol, self.x2)  # (kh*kw*out, in)
+        self.grads["W"] += dw.reshape(self.kh, self.kw, cout, self.in_channels).transpose(3, 2, 0, 1)
+        if "b" in self.params:
+            dy_rows, k = channel_rows(dy)
+            self.grads["b"] += pixel_sums(dy_rows, k).astype(dy.dtype)
         if not self.input_grad:
             return None
         dx = self.output_array("dx", (n * h * w, self.in_channels), dy.dtype, xp)
@@ -1038,9 +970,8 @@ class Sequential(Module):
         return x
 
     def backward(self, dy):
-        with gradients_in_background():
-            for layer, _ in reversed(self._steps):
-                dy = layer.backward(dy)
+        for layer, _ in reversed(self._steps):
+            dy = layer.backward(dy)
         return dy
 
     def __getitem__(self, i):

@@ -21,7 +21,7 @@ import math
 from . import backend
 from .backend import array_module, to_float, to_host
 from .layers import (BatchNorm2d, Conv2d, ConvTranspose2d, Flatten, LeakyReLU, Linear, Module, Reshape,
-                     Sequential, Sigmoid, gradients_in_background, sigmoid)
+                     Sequential, Sigmoid, sigmoid)
 
 # exp(logvar) must stay finite in float32 (max ~3.4e38 = exp(88)); sigma = exp(10) is already far
 # wider than the prior, and sigma = exp(-15) far narrower than any pixel can resolve. Outside these
@@ -351,11 +351,10 @@ class VAE(Module):
         loss, recon, kl = elbo_loss(nll, kl, self.beta)
 
         dnll, dkl = elbo_loss_backward(nll, self.beta)
-        with gradients_in_background():  # the decoder's last weight gradients overlap the encoder's backward
-            dz = self.decode_backward(self.recon.nll_backward(dnll, x, out))
-            dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
-            dmu_kl, dlogvar_kl = kl_divergence_backward(dkl, mu, logvar)
-            self.encode_backward(dmu + dmu_kl, dlogvar + dlogvar_kl, input_grad=False)
+        dz = self.decode_backward(self.recon.nll_backward(dnll, x, out))
+        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+        dmu_kl, dlogvar_kl = kl_divergence_backward(dkl, mu, logvar)
+        self.encode_backward(dmu + dmu_kl, dlogvar + dlogvar_kl, input_grad=False)
         return loss, recon, kl
 
     def _prior_mc_forward_backward(self, x, z):

@@ -2,8 +2,6 @@
 against naive loops, the Conv2d / ConvTranspose2d adjoint identity, BatchNorm modes and state dicts."""
 import contextlib
 import itertools
-import threading
-import time
 
 import numpy
 import pytest
@@ -567,69 +565,6 @@ def test_sigmoid_matches_the_logistic_function_without_overflow(xp):
     with numpy.errstate(over="ignore"):
         want = 1 / (1 + numpy.exp(-x.astype(numpy.float64)))
     numpy.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
-
-
-def background_net():
-    return layers.Sequential(
-        layers.Conv2d(3, 4, 3, stride=2, padding=1, rng=backend.rng(50)), layers.BatchNorm2d(4), layers.LeakyReLU(0.1),
-        layers.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1, rng=backend.rng(51)),
-        layers.BatchNorm2d(3), layers.Conv2d(3, 5, 3, padding=1, rng=backend.rng(52)))
-
-
-def test_weight_gradients_on_the_second_thread_match_those_computed_in_line(f64, monkeypatch):
-    """Inside a Sequential's backward the convolutions' weight gradients go to the weight-gradient thread (where
-    the BLAS can be told to use one thread for it) and are complete when backward returns: the same
-    gradients, to rounding, as computed in line."""
-    if backend.blas_thread_setter() is None:
-        pytest.skip("this NumPy's BLAS has no per-thread thread count, so the gradients are computed in line")
-    backend.set_device("cpu")
-    x, dy = randn(numpy, 2, 8, 8, 3, seed=53), randn(numpy, 2, 8, 8, 5, seed=54)
-    threads = []
-    product = layers.sum_over_rows
-
-    def recording(a, b):
-        threads.append(threading.current_thread().name)
-        time.sleep(0.05)  # a slow product: backward must still wait for it
-        return product(a, b)
-    monkeypatch.setattr(layers, "sum_over_rows", recording)
-    results = []
-    for background in (True, False):
-        if not background:
-            monkeypatch.setattr(backend, "blas_thread_setter", lambda: None)
-        net = background_net()
-        net.forward(x)
-        dx = net.backward(dy)
-        results.append((dx, {f"{i}.{k}": g.copy() for i, m in enumerate(net.layers) for k, g in m.grads.items()}))
-    # the three convolutions' products: on the weight-gradient thread, then in line on the main thread
-    assert [t.startswith("scratchvae-grads") for t in threads] == [True] * 3 + [False] * 3
-    (dx_bg, grads_bg), (dx_inline, grads_inline) = results
-    numpy.testing.assert_array_equal(dx_bg, dx_inline)
-    assert grads_bg.keys() == grads_inline.keys()
-    for name in grads_inline:
-        assert numpy.abs(grads_inline[name]).max() > 0, name
-        numpy.testing.assert_allclose(grads_bg[name], grads_inline[name], rtol=1e-12, atol=1e-14, err_msg=name)
-
-
-def test_a_failing_weight_gradient_is_raised_when_the_block_ends():
-    if backend.blas_thread_setter() is None:
-        pytest.skip("this NumPy's BLAS has no per-thread thread count: no weight-gradient thread")
-    module, done = layers.Module(), []
-
-    def slow():
-        time.sleep(0.1)
-        done.append(True)
-
-    def failing():
-        raise ValueError("planted")
-    with pytest.raises(ValueError, match="planted"):
-        with layers.gradients_in_background():
-            module.add_gradients(slow, numpy.zeros(1))
-            module.add_gradients(failing, numpy.zeros(1))
-            assert not done  # still running on the other thread
-    assert done  # the block waited for every job, the failing one too
-    with layers.gradients_in_background():  # and the next block starts clean
-        module.add_gradients(slow, numpy.zeros(1))
-    assert len(done) == 2
 
 
 def test_report_measured_errors(capsys):
