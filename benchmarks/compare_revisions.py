@@ -10,12 +10,17 @@ meet the same disturbances. It prints the median step of each, the median of the
 its quartiles, and a per-layer forward/backward table with the difference. The revision's ``scratchvae``
 package is exported with ``git archive`` into a temporary directory and imported under another name
 (the package uses relative imports only). NumPy only: run it where no GPU is used.
+
+A change that alters state the whole process shares (the BLAS's thread count, say) also changes the
+other version's speed when both run in one process. ``--processes N`` then runs each version in fresh
+processes instead, N of each, alternating, and compares each process with the one that ran next to it.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import io
+import json
 import os
 import statistics
 import subprocess
@@ -56,17 +61,62 @@ def build(package, preset, batch):
     return (lambda: model.train_step(x, optimizer)), timers
 
 
+def step_times(package, preset, batch, steps):
+    """Milliseconds of ``steps`` training steps of ``package``'s model, after two warm-up steps."""
+    step, _ = build(package, preset, batch)
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def in_processes(args, package, tmp):
+    """``--processes``: each version in its own fresh processes, alternating; prints the comparison."""
+    medians = {args.rev: [], "working tree": []}
+    for i in range(args.processes):
+        names = list(medians) if i % 2 == 0 else list(medians)[::-1]
+        for name in names:
+            pkg, path = (package, tmp) if name == args.rev else ("scratchvae", ROOT)
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", pkg, path, args.preset, str(args.batch),
+                   str(args.steps)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy()).stdout
+            medians[name].append(statistics.median(json.loads(out.splitlines()[-1])))
+            print(f"  {name}: median step {medians[name][-1]:.1f} ms", flush=True)
+    old, new = medians[args.rev], medians["working tree"]
+    ratios = sorted(a / b for a, b in zip(old, new))
+    print(f"{args.preset} preset, batch {args.batch}, {args.processes} processes of each version, "
+          f"{args.steps} steps each, {args.threads} threads")
+    print(f"  {args.rev}: median process {statistics.median(old):.1f} ms per step")
+    print(f"  working tree: median process {statistics.median(new):.1f} ms per step")
+    print(f"  {args.rev} time / working-tree time, process by process: median {statistics.median(ratios):.3f} "
+          f"(range {ratios[0]:.3f} - {ratios[-1]:.3f}; above 1 means the working tree is faster)")
+
+
 def main(argv=None):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        package, path, preset, batch, steps = sys.argv[2:7]
+        sys.path[:0] = [HERE, path]
+        print(json.dumps(step_times(package, preset, int(batch), int(steps))))
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("rev", help="git revision to compare the working tree with (e.g. HEAD, HEAD~1, main)")
     p.add_argument("--preset", default="small", choices=["small", "default"])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=30, help="timed steps of each version")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--processes", type=int, default=0,
+                   help="run each version in N fresh processes instead of both in this one (see above)")
     args = p.parse_args(argv)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
 
+    if args.processes:
+        with tempfile.TemporaryDirectory() as tmp:
+            return in_processes(args, export_revision(args.rev, tmp), tmp)
     with tempfile.TemporaryDirectory() as tmp:
         sys.path[:0] = [HERE, ROOT, tmp]  # bench_train's layer timers; this tree's package; the revision's
         versions = {args.rev: build(export_revision(args.rev, tmp), args.preset, args.batch),
