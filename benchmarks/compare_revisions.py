@@ -63,15 +63,10 @@ def build(package, preset, batch):
 
 def step_times(package, preset, batch, steps):
     """Milliseconds of ``steps`` training steps of ``package``'s model, after two warm-up steps."""
+    from bench_train import time_steps  # noqa: PLC0415
+
     step, _ = build(package, preset, batch)
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t) * 1e3)
-    return times
+    return [t * 1e3 for t in time_steps(step, 2, steps)]
 
 
 def in_processes(args, package, tmp):
