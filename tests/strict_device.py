@@ -39,6 +39,8 @@ def _unwrap(a):
 
 
 def _wrap(a):
+    if isinstance(a, numpy.generic):  # a full reduction gives NumPy a scalar, CuPy a 0-d device array
+        a = numpy.asarray(a)
     if isinstance(a, numpy.ndarray) and not isinstance(a, DeviceArray):
         return a.view(DeviceArray)
     if isinstance(a, tuple):
@@ -61,13 +63,46 @@ class DeviceArray(numpy.ndarray):
         _check(list(kwargs.values()), f"numpy.{func.__name__}")
         return _wrap(func(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
 
+    def __getitem__(self, key):
+        return _wrap(super().__getitem__(key))  # an element is a 0-d device array, as on CuPy, not a NumPy scalar
+
     def __setitem__(self, key, value):
         _check([value], "assignment")
         super().__setitem__(key, _unwrap(value))
 
     def get(self):
         """Like cupy.ndarray.get(): a host copy."""
+        HOST_READS.append("get")
         return numpy.array(self.view(numpy.ndarray), copy=True)
+
+    # On CuPy these read a value back to the host too, waiting for the GPU to finish everything queued
+    # before it: each is noted in HOST_READS, so that tests can count a training step's waits.
+    def __bool__(self):
+        HOST_READS.append("bool")
+        return super().__bool__()
+
+    def __float__(self):
+        HOST_READS.append("float")
+        return super().__float__()
+
+    def __int__(self):
+        HOST_READS.append("int")
+        return super().__int__()
+
+    def __index__(self):
+        HOST_READS.append("index")
+        return super().__index__()
+
+    def item(self, *args):
+        HOST_READS.append("item")
+        return super().item(*args)
+
+    def tolist(self):
+        HOST_READS.append("tolist")
+        return super().tolist()
+
+
+HOST_READS = []  # every read of device values by the host (get, bool, float, int, index, item, tolist), in order
 
 
 class _StrictGenerator:

@@ -102,3 +102,24 @@ def test_training_step_and_model_api_keep_to_the_device():
             assert isinstance(model.evaluate(x)["neg_elbo_nats"], float)
         with pytest.raises(HostDeviceMixError):
             model.train_step(backend.to_host(x), Adam(model))  # a batch left on the host
+
+
+@pytest.mark.parametrize("kw", [{}, {"recon": "bce", "mc_samples": 2}, {"objective": "prior-mc", "mc_samples": 2}])
+def test_a_training_step_reads_from_the_device_once(kw):
+    """On a GPU every read of a device value by the host waits for the GPU: a training step makes one, for
+    its logged scalars, all three together (and no hidden one: no if on a device array, no float() of one)."""
+    import strict_device
+    from scratchvae.optim import Adam
+    from scratchvae.vae import VAE
+    with use_strict_device():
+        model = VAE(image_size=16, preset="tiny", **kw)
+        optimizer = Adam(model)
+        x = backend.to_device(backend.rng(0).random((4, 3, 16, 16)), backend.get_default_dtype())
+        model.train_step(x, optimizer, rng=backend.rng((0, 1)))  # the first step makes the work arrays
+        del strict_device.HOST_READS[:]
+        for step in range(2):
+            model.train_step(x, optimizer, rng=backend.rng((0, 2 + step)))
+        assert strict_device.HOST_READS == ["get", "get"]
+        del strict_device.HOST_READS[:]
+        float(x[0, 0, 0, 0])  # the stand-in does note such a read
+        assert strict_device.HOST_READS == ["float"]
