@@ -75,34 +75,22 @@ class DeviceArray(numpy.ndarray):
         HOST_READS.append("get")
         return numpy.array(self.view(numpy.ndarray), copy=True)
 
-    # On CuPy these read a value back to the host too, waiting for the GPU to finish everything queued
-    # before it: each is noted in HOST_READS, so that tests can count a training step's waits.
-    def __bool__(self):
-        HOST_READS.append("bool")
-        return super().__bool__()
-
-    def __float__(self):
-        HOST_READS.append("float")
-        return super().__float__()
-
-    def __int__(self):
-        HOST_READS.append("int")
-        return super().__int__()
-
-    def __index__(self):
-        HOST_READS.append("index")
-        return super().__index__()
-
-    def item(self, *args):
-        HOST_READS.append("item")
-        return super().item(*args)
-
-    def tolist(self):
-        HOST_READS.append("tolist")
-        return super().tolist()
-
 
 HOST_READS = []  # every read of device values by the host (get, bool, float, int, index, item, tolist), in order
+
+
+def _noted(name, method):
+    def read(self, *args):
+        HOST_READS.append(name)
+        return method(self, *args)
+    return read
+
+
+# On CuPy these read a value back to the host too, waiting for the GPU to finish everything queued before
+# it: each is noted in HOST_READS, so that tests can count a training step's waits.
+for _name, _method in (("bool", "__bool__"), ("float", "__float__"), ("int", "__int__"), ("index", "__index__"),
+                       ("item", "item"), ("tolist", "tolist")):
+    setattr(DeviceArray, _method, _noted(_name, getattr(numpy.ndarray, _method)))
 
 
 class _StrictGenerator:
