@@ -59,52 +59,38 @@ class Counter:
         self.by_line[line or "?"] += 1
 
 
-ORIGINAL = (strict_device.DeviceArray.__array_ufunc__, strict_device.DeviceArray.__array_function__,
-            strict_device.DeviceArray.__setitem__, strict_device.DeviceArray.astype, strict_device.make_strict_module)
-
-
 def install(counter):
-    """Patch the stand-in's array type and constructors to report to ``counter`` (replacing any earlier one)."""
+    """Patch the stand-in's array type and constructors, once, to report to ``counter``."""
     cls = strict_device.DeviceArray
-    ufunc, function, setitem, astype, module = ORIGINAL
 
-    def counted_ufunc(self, *args, **kwargs):
-        counter.note()
-        return ufunc(self, *args, **kwargs)
+    def counted(method, counts=lambda *args, **kwargs: True):
+        def run(*args, **kwargs):
+            if counts(*args, **kwargs):
+                counter.note()
+            return method(*args, **kwargs)
+        return run
 
-    def counted_function(self, *args, **kwargs):
-        counter.note()
-        return function(self, *args, **kwargs)
-
-    def counted_setitem(self, key, value):
-        counter.note()
-        return setitem(self, key, value)
-
-    def counted_astype(self, dtype, *args, **kwargs):
-        if numpy.dtype(dtype) != self.dtype or kwargs.get("copy", True):
-            counter.note()
-        return astype(self, dtype, *args, **kwargs)
-
-    cls.__array_ufunc__, cls.__array_function__ = counted_ufunc, counted_function
-    cls.__setitem__, cls.astype = counted_setitem, counted_astype
+    cls.__array_ufunc__ = counted(cls.__array_ufunc__)
+    cls.__array_function__ = counted(cls.__array_function__)
+    cls.__setitem__ = counted(cls.__setitem__)
+    cls.astype = counted(cls.astype, lambda self, dtype, *args, **kwargs:  # (else no copy)
+                         numpy.dtype(dtype) != self.dtype or kwargs.get("copy", True))
+    make_module = strict_device.make_strict_module
 
     def make_counting_module():
-        mod = module()
-        for name in ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "ascontiguousarray"):
-            make = getattr(mod, name)
-
-            def filled(*args, _make=make, _name=name, **kwargs):
-                if _name != "ascontiguousarray" or not args[0].flags.c_contiguous:  # (else no copy)
-                    counter.note()
-                return _make(*args, **kwargs)
-            setattr(mod, name, filled)
+        mod = make_module()
+        for name in ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like"):
+            setattr(mod, name, counted(getattr(mod, name)))
+        mod.ascontiguousarray = counted(mod.ascontiguousarray, lambda a, *args, **kwargs: not a.flags.c_contiguous)
         return mod
     strict_device.make_strict_module = make_counting_module
 
 
 def count(preset, batch, counter, steps=1):
     """Operations in one training step of ``preset`` (after two warm-up steps), noted in ``counter``
-    (installed with ``install``)."""
+    (installed with ``install``), which is emptied first."""
+    counter.by_owner.clear()
+    counter.by_line.clear()
     with strict_device.use_strict_device() as dev:
         model = VAE(image_size=64, preset=preset)
         optimizer = Adam(model, lr=1e-3)
@@ -123,9 +109,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4, help="images per step (the count does not depend on it)")
     p.add_argument("--by-line", action="store_true", help="also list the source lines that issue the most")
     args = p.parse_args(argv)
+    counter = Counter()
+    install(counter)
     for preset in args.presets:
-        counter = Counter()
-        install(counter)
         count(preset, args.batch, counter)
         total = sum(counter.by_owner.values())
         print(f"\n{preset} preset: {total} array operations per training step on the GPU code path")
