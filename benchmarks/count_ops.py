@@ -7,8 +7,8 @@ On a GPU every array operation is a kernel launch, and CuPy spends some microsec
 time on each; for the small layers of this VAE that, not the GPU's arithmetic, sets the pace. The count
 needs no GPU: the step runs on the tests' stand-in device (``tests/strict_device.py``: NumPy arrays that
 take the code's device branches, as CuPy arrays do), and every ufunc call, NumPy function, assignment into
-an array, filled constructor (zeros, ones, full), ``ascontiguousarray`` that copies and ``astype`` that
-copies is counted once, attributed to the innermost layer running. It is a lower bound on launches: CuPy runs some operations (einsum, a copy
+an array, filled constructor (zeros, ones, full), ``ascontiguousarray`` that copies, ``astype`` that
+copies and call of a user-defined kernel (``scratchvae.kernels``) is counted once, attributed to the innermost layer running. It is a lower bound on launches: CuPy runs some operations (einsum, a copy
 of a strided view, a matrix product's setup) as several kernels, and allocations are not counted.
 The count does not depend on the batch size.
 """
@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import numpy  # noqa: E402
+import standin_kernels  # noqa: E402
 import strict_device  # noqa: E402
 
 from scratchvae import layers  # noqa: E402
@@ -73,6 +74,8 @@ def install(counter):
     cls.__array_ufunc__ = counted(cls.__array_ufunc__)
     cls.__array_function__ = counted(cls.__array_function__)
     cls.__setitem__ = counted(cls.__setitem__)
+    for kernel_class in (standin_kernels.ElementwiseKernel, standin_kernels.ReductionKernel):  # one launch a call
+        kernel_class.__call__ = counted(kernel_class.__call__)
     cls.astype = counted(cls.astype, lambda self, dtype, *args, **kwargs:  # (else no copy)
                          numpy.dtype(dtype) != self.dtype or kwargs.get("copy", True))
     make_module = strict_device.make_strict_module

@@ -541,6 +541,47 @@ def test_batchnorm_applying_the_next_activation_equals_the_two_layers(xp, f64, m
     assert report["x"] <= TOL
 
 
+@pytest.mark.parametrize("dtype,rtol", [(numpy.float64, 1e-12), (numpy.float32, 2e-5)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("make_activation", [lambda: None, lambda: layers.LeakyReLU(0.2), layers.ReLU])
+def test_batchnorm_gpu_kernels_give_the_numpy_numbers(dtype, rtol, training, make_activation):
+    """On the tests' stand-in device BatchNorm2d runs its fused GPU kernels (``scratchvae.kernels``, their CUDA C
+    compiled for the CPU): output, input gradient, accumulated parameter gradients (two backward calls) and running
+    statistics equal the NumPy path's, in train and eval mode, alone or with a LeakyReLU or ReLU joined to it."""
+    from strict_device import use_strict_device  # noqa: PLC0415
+
+    rng = numpy.random.default_rng(34)
+    x, dy, dy2 = (rng.standard_normal((4, 5, 6, 3)).astype(dtype) for _ in range(3))
+    x = 2 * x + dtype(0.3)  # a mean away from zero
+
+    def run(to_device):
+        with backend.default_dtype(dtype):
+            bn, act = layers.BatchNorm2d(3), make_activation()
+        bn.params["gamma"][...] = to_device(numpy.array([1.5, -0.7, 0.9], dtype=dtype))
+        bn.params["beta"][...] = to_device(numpy.array([0.2, 0.0, -0.4], dtype=dtype))
+        bn.buffers["running_mean"][...] = to_device(numpy.array([0.1, -0.2, 0.3], dtype=dtype))
+        bn.buffers["running_var"][...] = to_device(numpy.array([2.0, 0.5, 1.0], dtype=dtype))
+        bn.train(training)
+        y = bn.forward(to_device(x), activation=act)
+        results = [backend.to_host(y).copy()]
+        for g in (dy, dy2):  # the second call adds to the parameters' gradients
+            results.append(backend.to_host(bn.backward(to_device(g))).copy())
+        return results + [backend.to_host(a) for a in (*bn.grads.values(), *bn.buffers.values())]
+
+    saved = backend._state["xp"]
+    backend._state["xp"] = numpy
+    try:
+        want = run(numpy.asarray)
+    finally:
+        backend._state["xp"] = saved
+    with use_strict_device() as dev:
+        got = run(dev.asarray)
+    names = ["y", "dx", "dx (second call)", "dgamma", "dbeta", "running_mean", "running_var"]
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == dtype, name
+        numpy.testing.assert_allclose(a, b, rtol=rtol, atol=rtol, err_msg=name)
+
+
 def test_sequential_joins_only_a_batchnorm_directly_followed_by_a_leaky_relu():
     bn, bn2, act, act2, sig = layers.BatchNorm2d(2), layers.BatchNorm2d(2), layers.LeakyReLU(), layers.ReLU(), layers.Sigmoid()
     assert layers.Sequential(bn, act, act2, bn2, sig).steps() == [(bn, act), (act2, None), (bn2, None), (sig, None)]

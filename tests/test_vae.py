@@ -320,7 +320,8 @@ def test_gpu_code_path_gives_the_cpu_numbers(f64, monkeypatch, kw):
         return logs, grads, {k: host(v) for k, v in model.state_dict().items()}
 
     monkeypatch.setitem(backend._state, "xp", numpy)  # the CPU, for this test only
-    host_start = VAE(image_size=16, preset="tiny", seed=3, **kw).state_dict()
+    model_layout = VAE(image_size=16, preset="tiny", seed=3, **kw)
+    host_start = model_layout.state_dict()
     want = train(numpy.asarray)
     with use_strict_device() as dev:
         got = train(dev.asarray)
@@ -328,12 +329,16 @@ def test_gpu_code_path_gives_the_cpu_numbers(f64, monkeypatch, kw):
     for got_logs, want_logs in zip(got[0], want[0]):
         for key in want_logs:
             assert got_logs[key] == pytest.approx(want_logs[key], rel=1e-12), key
-    # a conv bias that feeds a BatchNorm gets a gradient of pure rounding noise (about 1e-16: BatchNorm
+    # a conv bias that feeds a BatchNorm gets a gradient of pure rounding noise (1e-16 to 1e-14: BatchNorm
     # subtracts the mean), which Adam divides by its eps = 1e-8: such biases, and the running means after
-    # them, then differ by up to about 1e-9 between any two orders of summation
-    for got_arrays, want_arrays, atol in zip(got[1:], want[1:], (1e-12, 1e-8)):
+    # them, then differ by up to about 1e-8 between any two orders of summation; everything else agrees to 1e-12
+    noisy = {name for seq in ("encoder", "decoder") for i, layer in enumerate(getattr(model_layout, seq))
+             if isinstance(layer, layers.BatchNorm2d) for name in (f"{seq}.{i - 1}.b", f"{seq}.{i}.running_mean")}
+    assert noisy & set(want[2]) and noisy <= set(want[2])
+    for got_arrays, want_arrays in zip(got[1:], want[1:]):
         assert got_arrays.keys() == want_arrays.keys()
         for name in want_arrays:
+            atol = 1e-7 if name in noisy and got_arrays is got[2] else 1e-12
             numpy.testing.assert_allclose(got_arrays[name], want_arrays[name], rtol=1e-9, atol=atol, err_msg=name)
     assert any(not numpy.array_equal(want[2][k], host(v)) for k, v in host_start.items())  # the steps changed them
 

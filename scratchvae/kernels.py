@@ -1,0 +1,86 @@
+r"""Fused kernels for the GPU path: BatchNorm with its activation in ten CUDA launches instead of some sixty.
+
+On a GPU every array operation is at least one kernel launch, and CuPy spends microseconds of Python and driver
+time on each, whatever the array's size; for this VAE's small layers that, not arithmetic, sets the pace
+(``benchmarks/count_ops.py`` counts them). BatchNorm's formulas (``layers.BatchNorm2d``) written as NumPy
+operations are some thirty launches each way, most of them on vectors of C numbers; here each stage is one
+user-defined kernel whose body is the formula for one element, in CUDA C:
+
+=========================  ==========================================================================
+``sum_rows``               per-channel sums :math:`\sum_p a_{pc}` (float64)
+``sum_products``           per-channel sums :math:`\sum_p a_{pc} b_{pc}` (float64)
+``bn_centre``              :math:`x - \mu`, with :math:`\mu` = the sum over the pixels / m
+``bn_batch_stats``         :math:`1/\sigma`, :math:`\gamma/\sigma`, and the running averages' update
+``bn_apply``               :math:`y = \mathrm{act}(\gamma/\sigma \cdot (x - \mu) + \beta)`, act = LeakyReLU
+``sum_grads``              :math:`\sum_p g_{pc}`, with g = dL/dy times act's derivative
+``sum_grads_products``     :math:`\sum_p g_{pc} (x - \mu)_{pc}`
+``bn_grad_stats``          dL/dgamma, dL/dbeta and the per-channel factors of dL/dx
+``bn_backward``            :math:`dx = \gamma/\sigma \cdot (g - \bar g - \hat x \, \overline{g \hat x})`
+=========================  ==========================================================================
+
+The activation is LeakyReLU with ``slope`` (ReLU: 0); slope 1 makes it the identity, for a BatchNorm alone.
+The NumPy path computes the same numbers with ufuncs, piece by piece in cache; each body repeats its order of
+operations and roundings (float64 for sums and per-channel statistics, the activations' dtype ``T`` for the rest),
+so both paths agree to rounding. The tests run these kernels on their stand-in device, compiling the same C with
+the host's C++ compiler (``tests/standin_kernels.py``), and compare them with the NumPy path.
+"""
+from __future__ import annotations
+
+import math
+
+# y = LeakyReLU(v), and g = dy times its derivative read off y (y > 0 exactly where v > 0)
+_ACT = "(v > 0 ? v : v * slope)"
+_GRAD = "(y > 0 ? dy : dy * slope)"
+
+SPECS = {
+    "sum_rows": ("reduction", "T a", "float64 s", "a", "a + b", "s = a", "0"),
+    "sum_products": ("reduction", "T a, T b", "float64 s", "(double)a * b", "a + b", "s = a", "0"),
+    "sum_grads": ("reduction", "T dy, T y, T slope", "float64 s", "(T)" + _GRAD, "a + b", "s = a", "0"),
+    "sum_grads_products": ("reduction", "T dy, T y, T slope, T xc", "float64 s", f"(double)(T){_GRAD} * xc",
+                           "a + b", "s = a", "0"),
+    "bn_centre": ("elementwise", "T x, float64 total, float64 m", "T xc", "xc = x - (T)(total / m)"),
+    "bn_batch_stats": (
+        "elementwise", "float64 total, float64 squares, T gamma, float64 m, float64 eps, float64 momentum, "
+        "float64 unbias", "T scale, T inv_std, T running_mean, T running_var",
+        """const double mean = total / m, var = squares / m;
+        running_mean += (T)(momentum * (mean - running_mean));
+        running_var += (T)(momentum * (var * unbias - running_var));
+        inv_std = (T)(1.0 / sqrt(var + eps));
+        scale = gamma * inv_std"""),
+    "bn_apply": ("elementwise", "T xc, T scale, T beta, T slope", "T y", f"const T v = xc * scale + beta; y = {_ACT}"),
+    "bn_grad_stats": (
+        "elementwise", "float64 sum_g, float64 sum_g_xc, T gamma, T inv_std, float64 m, int32 batch_stats",
+        "T dgamma, T dbeta, T scale, T mean_g, T xc_scale",
+        """const double sum_g_xhat = sum_g_xc * inv_std;
+        dgamma += (T)sum_g_xhat;
+        dbeta += (T)sum_g;
+        scale = gamma * inv_std;
+        mean_g = batch_stats ? (T)(sum_g / m) : (T)0;
+        xc_scale = batch_stats ? (T)(-sum_g_xhat * inv_std / m) : (T)0"""),
+    "bn_backward": ("elementwise", "T dy, T y, T slope, T xc, T mean_g, T xc_scale, T scale", "T dx",
+                    f"const T g = {_GRAD}; dx = ((g - mean_g) + xc * xc_scale) * scale"),
+}
+
+_built = {}
+
+
+def kernel(xp, name):
+    """The kernel ``name`` of ``SPECS``, built (once) with ``xp``'s ``ElementwiseKernel`` or ``ReductionKernel``."""
+    key = (xp.ElementwiseKernel, name)
+    if key not in _built:
+        kind, *spec = SPECS[name]
+        if kind == "elementwise":
+            _built[key] = xp.ElementwiseKernel(*spec, name=name)
+        else:
+            _built[key] = xp.ReductionKernel(*spec, name=name, reduce_type="float64")
+    return _built[key]
+
+
+def per_channel(xp, name, rows, *args):
+    """Per-channel float64 sums ``(C,)`` of the reduction ``name`` over ``rows`` ``(P, C)`` (and more such arrays, or
+    scalars, in ``args``): first over blocks of up to 1024 rows, each block's sum in its own thread, then over
+    the blocks, so that the GPU has thousands of sums to share out rather than C."""
+    p, c = rows.shape
+    block = math.gcd(p, 1024)
+    blocked = [a.reshape(p // block, block, c) if hasattr(a, "reshape") else a for a in (rows,) + args]
+    return kernel(xp, name)(*blocked, axis=1).sum(axis=0)
