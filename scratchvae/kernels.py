@@ -33,8 +33,9 @@ _ACT = "(v > 0 ? v : v * slope)"
 _GRAD = "(y > 0 ? dy : dy * slope)"
 
 SPECS = {
-    "sum_rows": ("reduction", "T a", "float64 s", "a", "a + b", "s = a", "0"),
-    "sum_products": ("reduction", "T a, T b", "float64 s", "(double)a * b", "a + b", "s = a", "0"),
+    # (a reduction's a and b are the values being folded, so no input takes those names)
+    "sum_rows": ("reduction", "T x", "float64 s", "x", "a + b", "s = a", "0"),
+    "sum_products": ("reduction", "T x, T w", "float64 s", "(double)x * w", "a + b", "s = a", "0"),
     "sum_grads": ("reduction", "T dy, T y, T slope", "float64 s", "(T)" + _GRAD, "a + b", "s = a", "0"),
     "sum_grads_products": ("reduction", "T dy, T y, T slope, T xc", "float64 s", f"(double)(T){_GRAD} * xc",
                            "a + b", "s = a", "0"),

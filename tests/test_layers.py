@@ -541,14 +541,19 @@ def test_batchnorm_applying_the_next_activation_equals_the_two_layers(xp, f64, m
     assert report["x"] <= TOL
 
 
+@pytest.mark.parametrize("device", ["stand-in", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype,rtol", [(numpy.float64, 1e-12), (numpy.float32, 2e-5)])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("make_activation", [lambda: None, lambda: layers.LeakyReLU(0.2), layers.ReLU])
-def test_batchnorm_gpu_kernels_give_the_numpy_numbers(dtype, rtol, training, make_activation):
-    """On the tests' stand-in device BatchNorm2d runs its fused GPU kernels (``scratchvae.kernels``, their CUDA C
-    compiled for the CPU): output, input gradient, accumulated parameter gradients (two backward calls) and running
-    statistics equal the NumPy path's, in train and eval mode, alone or with a LeakyReLU or ReLU joined to it."""
+def test_batchnorm_gpu_kernels_give_the_numpy_numbers(device, dtype, rtol, training, make_activation):
+    """On a device BatchNorm2d runs its fused kernels (``scratchvae.kernels``): on a GPU, and on the tests' stand-in
+    device, which compiles their CUDA C for the CPU. Output, input gradient, accumulated parameter gradients (two
+    backward calls) and running statistics equal the NumPy path's, in train and eval mode, alone or with a
+    LeakyReLU or ReLU joined to it."""
     from strict_device import use_strict_device  # noqa: PLC0415
+
+    if device == "gpu" and not backend.gpu_available():
+        pytest.skip("no usable GPU/CuPy")
 
     rng = numpy.random.default_rng(34)
     x, dy, dy2 = (rng.standard_normal((4, 5, 6, 3)).astype(dtype) for _ in range(3))
@@ -574,8 +579,14 @@ def test_batchnorm_gpu_kernels_give_the_numpy_numbers(dtype, rtol, training, mak
         want = run(numpy.asarray)
     finally:
         backend._state["xp"] = saved
-    with use_strict_device() as dev:
-        got = run(dev.asarray)
+    if device == "gpu":
+        try:
+            got = run(backend.set_device("gpu").asarray)
+        finally:
+            backend._state["xp"] = saved
+    else:
+        with use_strict_device() as dev:
+            got = run(dev.asarray)
     names = ["y", "dx", "dx (second call)", "dgamma", "dbeta", "running_mean", "running_var"]
     for name, a, b in zip(names, got, want):
         assert a.dtype == dtype, name
