@@ -405,6 +405,18 @@ def subpixel_taps(k, s, p):
     return [(i, (i - p) % s, ((i - p) % s + p - i) // s) for i in range(k)]
 
 
+def phase_taps(taps, phase, stride, first_shift):
+    """The taps of one phase among ``subpixel_taps`` as two matching slices, or None if it has none: the window
+    rows ``d - first_shift`` they fall on (consecutive shifts d) and the kernel rows i they use (i = a + p - s d,
+    so i runs down in steps of s as d runs up)."""
+    mine = sorted((d, i) for i, a, d in taps if a == phase)
+    if not mine:
+        return None
+    (d_first, i_first), (d_last, i_last) = mine[0], mine[-1]
+    return (slice(d_first - first_shift, d_last - first_shift + 1),
+            slice(i_first, i_last - 1 if i_last > 0 else None, -stride))
+
+
 def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     r"""The transposed convolution of NHWC ``x`` by ``w (C_in, C_out, kh, kw)``, cropped to ``out_hw``.
 
@@ -431,9 +443,11 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     # rows (ones, window row t, window column u, c_in) x columns (row phase a, column phase b, c_out)
     wsub = xp.zeros((one + th * tw * cin, s, s, cout), dtype=w.dtype)
     taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
-    for i, a, d in taps_h:
-        for j, b, e in taps_w:
-            taps[d - d0, e - e0, :, a, b, :] = w[:, :, i, j]
+    for a in range(s):
+        for b in range(s):  # all the taps of phase (a, b) in one copy (on a GPU, launches cost more than bytes)
+            rows, cols = phase_taps(taps_h, a, s, d0), phase_taps(taps_w, b, s, e0)
+            if rows and cols:
+                taps[rows[0], cols[0], :, a, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
     if bias is not None:
         wsub[0] = bias  # every phase of every pixel
 

@@ -193,6 +193,22 @@ def test_conv_transpose2d_forward_matches_naive_loop(xp, f64, s, p, op):
     numpy.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_transposed_conv_matches_naive_loop_for_every_kernel_geometry():
+    """The sub-pixel weight matrix, built phase by phase from strided slices of W, is right for kernels of
+    1 to 5 taps (square and not), strides 1 to 3, every padding below the kernel size, with a bias."""
+    for kh, kw, s in itertools.product(range(1, 6), (1, 3, 4), (1, 2, 3)):
+        for p in range(min(kh, kw)):
+            for op in range(s):
+                layer = layers.ConvTranspose2d(2, 3, (kh, kw), stride=s, padding=p, output_padding=op,
+                                               rng=backend.rng(kh + 10 * kw + 100 * s), dtype=numpy.float64)
+                x = randn(numpy, 2, 3, 4, 2, seed=p + 7 * op)
+                if (3 - 1) * s - 2 * p + kh + op <= 0 or (4 - 1) * s - 2 * p + kw + op <= 0:
+                    continue
+                want = naive_conv_transpose2d(x, layer.params["W"], layer.params["b"], s, p, op)
+                numpy.testing.assert_allclose(layer.forward(x), want, rtol=1e-12, atol=1e-12,
+                                              err_msg=f"kernel {kh}x{kw}, stride {s}, padding {p}, output padding {op}")
+
+
 @pytest.mark.parametrize("s,p,hw", [(1, 1, (5, 6)), (2, 1, (6, 8)), (2, 0, (7, 5)), (2, 1, (5, 5)), (1, 0, (4, 6))])
 def test_conv_transpose_is_adjoint_of_conv(xp, f64, s, p, hw):
     """<Conv2d(x), y> == <x, ConvTranspose2d(y)> when both share W (and have no bias)."""
