@@ -70,18 +70,18 @@ class Module:
         return self.forward(x)
 
     # -- work arrays -----------------------------------------------------------------------------
-    def work_array(self, name, shape, dtype, xp, zero=False, tag=None):
+    def work_array(self, name, shape, dtype, xp, fill=None, tag=None):
         """A scratch array kept from call to call instead of being allocated anew every step.
 
-        Allocated (zero-filled if ``zero``) on first use and whenever ``shape``, ``dtype``, device or
-        ``tag`` change; otherwise handed back exactly as the last call left it. Used for arrays that stay
+        Allocated (filled with the number ``fill``, if given) on first use and whenever ``shape``, ``dtype``,
+        device or ``tag`` change; otherwise handed back exactly as the last call left it. Used for arrays that stay
         inside the layer (padded inputs, gathered windows), and for outputs only through ``output_array``,
         i.e. inside a training step, where no output outlives the step.
         """
         signature = (tuple(shape), xp.dtype(dtype), xp, tag)
         entry = self._work.get(name)
         if entry is None or entry[0] != signature:
-            entry = (signature, (xp.zeros if zero else xp.empty)(shape, dtype=dtype))
+            entry = (signature, xp.empty(shape, dtype=dtype) if fill is None else xp.full(shape, fill, dtype=dtype))
             self._work[name] = entry
         return entry[1]
 
@@ -128,7 +128,7 @@ class Module:
         """
         n, h, w, c = x.shape
         shape = (n, top + h + bottom, left + w + right, c)
-        out = self.work_array(name, shape, x.dtype, array_module(x), zero=True, tag=(top, left, h, w))
+        out = self.work_array(name, shape, x.dtype, array_module(x), fill=0, tag=(top, left, h, w))
         inside = out[:, top:top + h, left:left + w, :]
         if c > 1 and x.strides[3] > x.strides[2]:
             # x is held as channel planes (images, NCHW): copied plane by plane, the copies run along whole
@@ -370,7 +370,8 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
     xp = array_module(x)
     n, h, w, c = x.shape
     k, one = kh * kw * c, int(ones_column)
-    col = module.work_array(name, (n, oh, ow, one + k), x.dtype, xp)
+    # made filled with ones: the windows overwrite all but the first column, which so stays ones for good
+    col = module.work_array(name, (n, oh, ow, one + k), x.dtype, xp, fill=one or None, tag=one)
     taps = col[..., one:].reshape(n, oh, ow, kh, kw * c)
     (p0, p1), border_rows = _split(top, stride, kh, h, oh)
     (q0, q1), border_cols = _split(left, stride, kw, w, ow)
@@ -390,8 +391,6 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
         cols, before, after = _inside(c0, left + stride * (qb - 1) + kw, w)
         part = module.padded(f"{name} border {pa} {qa}", x[:, rows, cols], above, below, before, after)
         taps[:, pa:pb, qa:qb] = windows(part, 0, 0, pb - pa, qb - qa, kh, kw, stride)
-    if ones_column:
-        col[..., 0] = 1
     return col.reshape(n * oh * ow, one + k)
 
 
@@ -604,7 +603,7 @@ class Conv2d(Module):
         taps, block = self._taps_by_input(), self._block(dy)
         # dz[i, j, o] = dy[o] shifted back to the input pixels tap (i, j) read; zero where it read padding.
         # The same pixels are written for every block, so the zeros of the first call stay.
-        dz = self.work_array("dz", (self.kh, self.kw, cout, block, h, w), dy.dtype, xp, zero=True)
+        dz = self.work_array("dz", (self.kh, self.kw, cout, block, h, w), dy.dtype, xp, fill=0)
         dz2 = dz.reshape(-1, block * h * w)
         dw = xp.zeros((len(dz2), c), dtype=xp.float64 if block < n else dy.dtype)  # (kh*kw*out, in)
         dx = self.output_array("dx", (n * h * w, c), dy.dtype, xp) if self.input_grad else None
