@@ -1,14 +1,15 @@
-r"""Fused kernels for the GPU path: BatchNorm with its activation in ten CUDA launches instead of some sixty.
+r"""Fused kernels for the GPU path: BatchNorm with its activation in 13 CUDA launches a layer instead of 64.
 
 On a GPU every array operation is at least one kernel launch, and CuPy spends microseconds of Python and driver
-time on each, whatever the array's size; for this VAE's small layers that, not arithmetic, sets the pace
-(``benchmarks/count_ops.py`` counts them). BatchNorm's formulas (``layers.BatchNorm2d``) written as NumPy
+time on each, whatever the array's size; for this VAE's small layers that can outweigh the arithmetic
+(``benchmarks/count_ops.py`` counts the launches). BatchNorm's formulas (``layers.BatchNorm2d``) written as NumPy
 operations are some thirty launches each way, most of them on vectors of C numbers; here each stage is one
-user-defined kernel whose body is the formula for one element, in CUDA C:
+user-defined kernel whose body is the formula for one element, in CUDA C (each sum over pixels two launches,
+``per_channel``: seven forward, six backward):
 
 =========================  ==========================================================================
-``sum_rows``               per-channel sums :math:`\sum_p a_{pc}` (float64)
-``sum_products``           per-channel sums :math:`\sum_p a_{pc} b_{pc}` (float64)
+``sum_rows``               per-channel sums :math:`\sum_p x_{pc}` (float64)
+``sum_products``           per-channel sums :math:`\sum_p x_{pc} w_{pc}` (float64)
 ``bn_centre``              :math:`x - \mu`, with :math:`\mu` = the sum over the pixels / m
 ``bn_batch_stats``         :math:`1/\sigma`, :math:`\gamma/\sigma`, and the running averages' update
 ``bn_apply``               :math:`y = \mathrm{act}(\gamma/\sigma \cdot (x - \mu) + \beta)`, act = LeakyReLU
