@@ -16,8 +16,8 @@ Speed without a second, slow path: convolutions gather kernel windows through on
 multiply once (no scatter-adds); elementwise layers write into existing arrays, apply per-channel
 vectors to long rows (``channel_rows``) and work through large activations piece by piece, in cache
 (``backend.pieces``); scratch arrays live from step to step (``Module.work_array``),
-and inside a training step layers overwrite their previous outputs (``Module.recycling_outputs``).
-See ``benchmarks/README.md`` for figures.
+and inside a training step layers overwrite their previous outputs (``Module.recycling_outputs``). On a GPU,
+BatchNorm runs as a few fused kernels (``kernels``). See ``benchmarks/README.md`` for figures.
 
 Nothing here imports NumPy: every array op goes through ``xp``, the module owning the arrays
 (NumPy or CuPy, see ``backend``).
@@ -750,8 +750,8 @@ class BatchNorm2d(Module):
     way (``Sequential`` does this for every BatchNorm2d followed by a LeakyReLU): the same numbers as the two
     layers one after the other, with two passes over memory fewer in each direction.
 
-    On a GPU (device arrays) each direction is instead five fused kernels of ``kernels`` (the same formulas,
-    per element in CUDA C), since there the count of launches, not of passes over memory, sets the pace.
+    On a GPU (device arrays) it instead runs fused kernels of ``kernels``, five forward and four backward (the
+    same formulas, per element in CUDA C), since there every array operation costs a kernel launch.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=None):

@@ -77,7 +77,9 @@ def _compile(source, name):
 
 
 class _Kernel:
-    def __init__(self, in_params, out_params, name):
+    def __init__(self, in_params, out_params, name, options):
+        if options:
+            raise NotImplementedError(f"the stand-in kernels take no {', '.join(options)}")
         self.ins, self.outs, self.name = _parse(in_params), _parse(out_params), name
 
     def _bind(self, args):
@@ -132,8 +134,8 @@ class _Kernel:
 class ElementwiseKernel(_Kernel):
     """``cupy.ElementwiseKernel(in_params, out_params, operation, name)``, run on the CPU (see the module docstring)."""
 
-    def __init__(self, in_params, out_params, operation, name="kernel", **kwargs):
-        super().__init__(in_params, out_params, name)
+    def __init__(self, in_params, out_params, operation, name="kernel", **options):
+        super().__init__(in_params, out_params, name, options)
         self.operation = operation
 
     def __call__(self, *args):
@@ -168,8 +170,8 @@ class ReductionKernel(_Kernel):
     reduce_type)``, run on the CPU (see the module docstring); called with ``axis`` (default: all axes)."""
 
     def __init__(self, in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, name="reduce_kernel",
-                 reduce_type=None, **kwargs):
-        super().__init__(in_params, out_params, name)
+                 reduce_type=None, **options):
+        super().__init__(in_params, out_params, name, options)
         if len(self.outs) != 1:
             raise NotImplementedError("the stand-in reductions have one output")
         if reduce_type is None:
