@@ -4,12 +4,13 @@
     python benchmarks/count_ops.py --presets small --by-line
 
 On a GPU every array operation is a kernel launch, and CuPy spends some microseconds of Python and driver
-time on each; for the small layers of this VAE that, not the GPU's arithmetic, sets the pace. The count
-needs no GPU: the step runs on the tests' stand-in device (``tests/strict_device.py``: NumPy arrays that
-take the code's device branches, as CuPy arrays do), and every ufunc call, NumPy function, assignment into
-an array, filled constructor (zeros, ones, full), ``ascontiguousarray`` that copies, ``astype`` that
-copies and call of a user-defined kernel (``scratchvae.kernels``) is counted once, attributed to the innermost layer running. It is a lower bound on launches: CuPy runs some operations (einsum, a copy
-of a strided view, a matrix product's setup) as several kernels, and allocations are not counted.
+time on each; for the small layers of this VAE that can outweigh the GPU's arithmetic. The count needs no
+GPU: the step runs on the tests' stand-in device (``tests/strict_device.py``: NumPy arrays that take the
+code's device branches, as CuPy arrays do), and every ufunc call, NumPy function, assignment into an array,
+filled constructor (zeros, ones, full), ``ascontiguousarray`` that copies, ``astype`` that copies and call
+of a user-defined kernel (``scratchvae.kernels``) is counted once, attributed to the innermost layer
+running. It is a lower bound on launches: CuPy runs some operations (einsum, a copy of a strided view, a
+matrix product's setup) as several kernels, and allocations are not counted.
 The count does not depend on the batch size.
 """
 from __future__ import annotations
