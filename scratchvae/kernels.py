@@ -1,4 +1,5 @@
-r"""Fused kernels for the GPU path: BatchNorm with its activation in 13 CUDA launches a layer instead of 64.
+r"""Fused kernels for the GPU path: BatchNorm with its activation in 13 CUDA launches a layer instead of 64,
+and Adam's update in one instead of 13.
 
 On a GPU every array operation is at least one kernel launch, and CuPy spends microseconds of Python and driver
 time on each, whatever the array's size; for this VAE's small layers that can outweigh the arithmetic
@@ -17,12 +18,14 @@ user-defined kernel whose body is the formula for one element, in CUDA C (each s
 ``sum_grads_products``     :math:`\sum_p g_{pc} (x - \mu)_{pc}`
 ``bn_grad_stats``          dL/dgamma, dL/dbeta and the per-channel factors of dL/dx
 ``bn_backward``            :math:`dx = \gamma/\sigma \cdot (g - \bar g - \hat x \, \overline{g \hat x})`
+``adam``                   Adam's moments and parameter update (``optim.Adam``), one pass over them
 =========================  ==========================================================================
 
 The activation is LeakyReLU with ``slope`` (ReLU: 0); slope 1 makes it the identity, for a BatchNorm alone.
 The NumPy path computes the same numbers with ufuncs, piece by piece in cache; each body repeats its order of
-operations and roundings (float64 for sums and per-channel statistics, the activations' dtype ``T`` for the rest),
-so both paths agree to rounding. The tests run these kernels on their stand-in device, compiling the same C with
+operations and roundings (float64 for sums and per-channel statistics, the arrays' dtype ``T`` for the rest),
+compiled with ``--fmad=false`` so that no multiply and add are merged into one rounding: the two paths differ
+only by the order in which the sums over pixels add up. The tests run these kernels on their stand-in device, compiling the same C with
 the host's C++ compiler (``tests/standin_kernels.py``), and compare them with the NumPy path.
 """
 from __future__ import annotations
@@ -61,7 +64,14 @@ SPECS = {
         xc_scale = batch_stats ? (T)(-sum_g_xhat * inv_std / m) : (T)0"""),
     "bn_backward": ("elementwise", "T dy, T y, T slope, T xc, T mean_g, T xc_scale, T scale", "T dx",
                     f"const T g = {_GRAD}; dx = ((g - mean_g) + xc * xc_scale) * scale"),
+    "adam": ("elementwise", "T g, float64 beta1, float64 beta2, float64 step_size, float64 bias2, float64 eps, "
+             "float64 weight_decay", "T p, T m, T v",
+             """const T grad = weight_decay != 0 ? g + p * (T)weight_decay : g;
+             m = m * (T)beta1 + grad * (T)(1 - beta1);
+             v = v * (T)beta2 + grad * grad * (T)(1 - beta2);
+             p -= m * (T)step_size / (sqrt(v / (T)bias2) + (T)eps)"""),
 }
+OPTIONS = ("--fmad=false",)  # NVRTC's: a * b + c rounded twice, as NumPy does, not once (fused multiply-add)
 
 _built = {}
 
@@ -72,9 +82,9 @@ def kernel(xp, name):
     if key not in _built:
         kind, *spec = SPECS[name]
         if kind == "elementwise":
-            _built[key] = xp.ElementwiseKernel(*spec, name=name)
+            _built[key] = xp.ElementwiseKernel(*spec, name=name, options=OPTIONS)
         else:
-            _built[key] = xp.ReductionKernel(*spec, name=name, reduce_type="float64")
+            _built[key] = xp.ReductionKernel(*spec, name=name, reduce_type="float64", options=OPTIONS)
     return _built[key]
 
 

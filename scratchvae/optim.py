@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from .backend import array_module, piece_rows, pieces
+from . import kernels
+from .backend import array_module, is_device_array, piece_rows, pieces
 
 PIECE = 1 << 17  # numbers per piece: a parameter's piece, its gradient's and its moments' (2 MB in all) stay in cache
 
@@ -143,6 +144,10 @@ class Adam(Optimizer):
             state["m"], state["v"] = xp.zeros_like(p), xp.zeros_like(p)
         bias1 = 1 - self.beta1 ** self.t
         bias2 = 1 - self.beta2 ** self.t
+        if is_device_array(p):  # on a GPU the lines below as one kernel, one pass over the arrays
+            kernels.kernel(xp, "adam")(g, self.beta1, self.beta2, self.lr / bias1, bias2, self.eps, self.weight_decay,
+                                       p, state["m"], state["v"])
+            return
         scratch = self._scratch_pieces(p)
         for p, g, m, v in pieces(p, g, state["m"], state["v"], size=PIECE):
             s, t = (a[:p.size].reshape(p.shape) for a in scratch)

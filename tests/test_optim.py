@@ -1,4 +1,6 @@
 """Adam and SGD against two steps worked out by hand, and their state round trip."""
+import contextlib
+
 import numpy
 import pytest
 
@@ -50,11 +52,40 @@ def test_adam_two_steps_by_hand(xp):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_adam_in_pieces_equals_the_formula_on_the_whole_array(xp, weight_decay):
     """Adam steps a large array piece by piece through its scratch arrays: the numbers of the formula applied
-    to the whole array at once, operation for operation (so exactly equal), and the gradient is left as it was."""
+    to the whole array at once, operation for operation (so exactly equal), and the gradient is left as it was.
+    (On a GPU the step is one fused kernel, which must round alike.)"""
+    check_adam_against_the_formula(xp, weight_decay)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adam_kernel_on_the_stand_in_device_equals_the_formula(weight_decay):
+    """The GPU path's fused Adam kernel (its CUDA C compiled for the CPU, on the tests' stand-in device) gives
+    the formula's numbers exactly, in float64, and exactly NumPy's step in float32 (no fused multiply-adds)."""
+    from strict_device import use_strict_device  # noqa: PLC0415
+
+    with use_strict_device() as dev:
+        check_adam_against_the_formula(dev, weight_decay)
+    rng = numpy.random.default_rng(5)
+    p0, grads = rng.standard_normal(1000).astype(numpy.float32), rng.standard_normal((3, 1000)).astype(numpy.float32)
+    results = []
+    for module in (numpy, None):
+        with (use_strict_device() if module is None else contextlib.nullcontext(numpy)) as xp:
+            p, g = xp.asarray(p0.copy()), xp.zeros(1000, dtype=numpy.float32)
+            opt = Adam([("p", p, g)], lr=0.01, weight_decay=weight_decay)
+            for grad in grads:
+                g[...] = xp.asarray(grad)
+                opt.step()
+            results.append([backend.to_host(a) for a in (p, opt.state[0]["m"], opt.state[0]["v"])])
+    for name, a, b in zip("pmv", *results):
+        assert a.dtype == numpy.float32, name
+        numpy.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def check_adam_against_the_formula(xp, weight_decay):
     from scratchvae import optim  # noqa: PLC0415
 
     n = 3 * optim.PIECE + 5  # three whole pieces and a short one
-    rng = backend.rng(4)
+    rng = numpy.random.default_rng(4)  # (host arrays, whichever the device)
     p0, grads = rng.standard_normal(n), [rng.standard_normal(n) for _ in range(3)]
     p, g = xp.asarray(p0.copy()), xp.zeros(n)
     opt = Adam([("p", p, g)], lr=0.01, weight_decay=weight_decay)
