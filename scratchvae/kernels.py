@@ -22,11 +22,12 @@ user-defined kernel whose body is the formula for one element, in CUDA C (each s
 =========================  ==========================================================================
 
 The activation is LeakyReLU with ``slope`` (ReLU: 0); slope 1 makes it the identity, for a BatchNorm alone.
-The NumPy path computes the same numbers with ufuncs, piece by piece in cache; each body repeats its order of
-operations and roundings (float64 for sums and per-channel statistics, the arrays' dtype ``T`` for the rest),
-compiled with ``--fmad=false`` so that no multiply and add are merged into one rounding: the two paths differ
-only by the order in which the sums over pixels add up. The tests run these kernels on their stand-in device, compiling the same C with
-the host's C++ compiler (``tests/standin_kernels.py``), and compare them with the NumPy path.
+The NumPy path computes the same numbers with ufuncs, piece by piece in cache; each body repeats its order
+of operations and roundings (float64 for sums and per-channel statistics, the arrays' dtype ``T`` for the
+rest), compiled with ``--fmad=false`` so that no multiply and add are merged into one rounding: the two
+paths differ only by the order in which the sums over pixels add up. The tests run these kernels on their
+stand-in device, compiling the same C with the host's C++ compiler (``tests/standin_kernels.py``), and
+compare them with the NumPy path.
 """
 from __future__ import annotations
 
