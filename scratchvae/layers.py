@@ -442,9 +442,11 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     # rows (ones, window row t, window column u, c_in) x columns (row phase a, column phase b, c_out)
     wsub = xp.zeros((one + th * tw * cin, s, s, cout), dtype=w.dtype)
     taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
-    for a in range(s):
-        for b in range(s):  # all the taps of phase (a, b) in one copy (on a GPU, launches cost more than bytes)
-            rows, cols = phase_taps(taps_h, a, s, d0), phase_taps(taps_w, b, s, e0)
+    row_phases = [phase_taps(taps_h, a, s, d0) for a in range(s)]
+    col_phases = [phase_taps(taps_w, b, s, e0) for b in range(s)]
+    for a, rows in enumerate(row_phases):
+        # all the taps of phase (a, b) in one copy (on a GPU, launches cost more than bytes)
+        for b, cols in enumerate(col_phases):
             if rows and cols:
                 taps[rows[0], cols[0], :, a, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
     if bias is not None:
@@ -453,10 +455,9 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     shape = (n, mh, s, mw, s, cout)
     y = module.output_array(name, shape, col.dtype, xp)
     phase = module.work_array(name + " phase", (len(col), s * cout), col.dtype, xp)
-    for a in range(s):
+    for a, rows in enumerate(row_phases):
         # row phase a needs the window rows up to its last tap only: a leading block of col's columns
-        rows = max((d - d0 + 1 for _, phase_a, d in taps_h if phase_a == a), default=0)
-        used = one + rows * tw * cin
+        used = one + (rows[0].stop if rows else 0) * tw * cin
         xp.matmul(col[:, :used], wsub[:used, a].reshape(used, s * cout), out=phase)
         y[:, :, a] = phase.reshape(n, mh, mw, s, cout)  # output pixels (s m + a, s m' + b): one copy
     return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
