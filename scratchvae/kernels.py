@@ -1,5 +1,5 @@
 r"""Fused kernels for the GPU path: BatchNorm with its activation in 13 CUDA launches a layer instead of 64,
-and Adam's update in one instead of 13.
+Adam's update in one instead of 13, and the convolutions' column matrix and sub-pixel weights in one each.
 
 On a GPU every array operation is at least one kernel launch, and CuPy spends microseconds of Python and driver
 time on each, whatever the array's size; for this VAE's small layers that can outweigh the arithmetic
@@ -19,7 +19,12 @@ user-defined kernel whose body is the formula for one element, in CUDA C (each s
 ``bn_grad_stats``          dL/dgamma, dL/dbeta and the per-channel factors of dL/dx
 ``bn_backward``            :math:`dx = \gamma/\sigma \cdot (g - \bar g - \hat x \, \overline{g \hat x})`
 ``adam``                   Adam's moments and parameter update (``optim.Adam``), one pass over them
+``im2col``                 the column matrix of every kernel window (``layers.gather``), zeros outside x
+``subpixel_weights``       W rearranged for the sub-pixel transposed convolution (``layers.transposed_conv``)
 =========================  ==========================================================================
+
+The last two move numbers only: they give the NumPy path's arrays exactly, each element read from where the
+NumPy path's strided copies take it, by index arithmetic (``raw`` inputs are read at a computed index).
 
 The activation is LeakyReLU with ``slope`` (ReLU: 0); slope 1 makes it the identity, for a BatchNorm alone.
 The NumPy path computes the same numbers with ufuncs, piece by piece in cache; each body repeats its order
@@ -71,6 +76,33 @@ SPECS = {
              m = m * (T)beta1 + grad * (T)(1 - beta1);
              v = v * (T)beta2 + grad * grad * (T)(1 - beta2);
              p -= m * (T)step_size / (sqrt(v / (T)bias2) + (T)eps)"""),
+    # col (N*OH*OW, one + kh*kw*C): row (n, p, q), column (ones, window row ti, window column tj, channel);
+    # x (N, H, W, C) in any layout (a raw array is read by its logical index)
+    "im2col": ("elementwise", "raw T x, int32 h, int32 w, int32 c, int32 oh, int32 ow, int32 kh, int32 kw, "
+               "int32 stride, int32 top, int32 left, int32 one", "T col",
+               """const long long width = one + kh * kw * c, row = i / width;
+               const int k = (int)(i - row * width) - one;
+               const int q = (int)(row % ow), p = (int)(row / ow % oh);
+               const long long n = row / ((long long)ow * oh);
+               if (k < 0) {
+                 col = (T)1;
+               } else {
+                 const int ch = k % c, tj = k / c % kw, ti = k / (c * kw);
+                 const int r = top + stride * p + ti, s = left + stride * q + tj;
+                 col = (0 <= r && r < h && 0 <= s && s < w) ? x[((n * h + r) * w + s) * c + ch] : (T)0;
+               }"""),
+    # wsub (window row t, window column u, C_in, row phase a, column phase b, C_out) holds W[c, o, ti, tj] for the
+    # kernel row ti = a + pad - s d that phase a applies at shift d = d0 + t (``layers.subpixel_taps``), and the
+    # same along columns; zero where that row or column lies outside the kernel
+    "subpixel_weights": ("elementwise", "raw T w, int32 cin, int32 cout, int32 kh, int32 kw, int32 tw, int32 stride, "
+                         "int32 pad, int32 d0, int32 e0", "T wsub",
+                         """const int o = (int)(i % cout), b = (int)(i / cout % stride);
+                         const int a = (int)(i / ((long long)cout * stride) % stride);
+                         const long long tuc = i / ((long long)cout * stride * stride);
+                         const int ch = (int)(tuc % cin), u = (int)(tuc / cin % tw), t = (int)(tuc / ((long long)cin * tw));
+                         const int ti = a + pad - stride * (d0 + t), tj = b + pad - stride * (e0 + u);
+                         wsub = (0 <= ti && ti < kh && 0 <= tj && tj < kw)
+                             ? w[(((long long)ch * cout + o) * kh + ti) * kw + tj] : (T)0"""),
 }
 OPTIONS = ("--fmad=false",)  # NVRTC's: a * b + c rounded twice, as NumPy does, not once (fused multiply-add)
 

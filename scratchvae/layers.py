@@ -360,8 +360,8 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
     Output position (p, q) sees the window whose top-left pixel is ``(top + s p, left + s q)``; where a window
     reaches outside x (a negative ``top`` is padding) it reads zeros. The windows that lie inside x are one
     copy out of ``windows(x)``; only the thin border strips of windows that do not are gathered out of small
-    zero-bordered copies of the few rows or columns they read, so on the CPU x itself is never copied into
-    a padded array (on a GPU it is: two kernels beat five).
+    zero-bordered copies of the few rows or columns they read, so x itself is never copied into a padded array.
+    On a GPU one kernel (``kernels``' ``im2col``) writes the whole matrix instead, zeros and ones included.
 
     With ``ones_column`` the matrix has a first column of ones. Multiplied by a weight matrix whose first
     row is the bias, the product then adds the bias itself, with no pass of its own over the output; and
@@ -372,13 +372,14 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
     k, one = kh * kw * c, int(ones_column)
     # made filled with ones: the windows overwrite all but the first column, which so stays ones for good
     col = module.work_array(name, (n, oh, ow, one + k), x.dtype, xp, fill=one or None, tag=one)
+    if backend.is_device_array(x):
+        # on a GPU, where every copy costs a kernel launch, whatever its size: one launch, reading x in place
+        rows = col.reshape(n * oh * ow, one + k)
+        kernels.kernel(xp, "im2col")(x, h, w, c, oh, ow, kh, kw, stride, top, left, one, rows)
+        return rows
     taps = col[..., one:].reshape(n, oh, ow, kh, kw * c)
     (p0, p1), border_rows = _split(top, stride, kh, h, oh)
     (q0, q1), border_cols = _split(left, stride, kw, w, ow)
-    if backend.is_device_array(x):
-        # on a GPU, where a copy costs a kernel launch more than its bytes, all the windows are one "strip":
-        # a zero-bordered copy of x and one gather, two kernels instead of five
-        (p0, p1), border_rows, border_cols = (0, 0), [(0, oh)], []
     if p0 < p1 and q0 < q1:
         if not x.flags.c_contiguous:  # the images, NCHW memory seen as NHWC: one copy into channels-last
             x = module.padded(name + " x", x, 0, 0, 0, 0)
@@ -440,15 +441,18 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     col = gather(module, "subpixel_col", x, d0, e0, mh, mw, th, tw, 1, bias is not None)
 
     # rows (ones, window row t, window column u, c_in) x columns (row phase a, column phase b, c_out)
-    wsub = xp.zeros((one + th * tw * cin, s, s, cout), dtype=w.dtype)
-    taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
+    wsub = xp.empty((one + th * tw * cin, s, s, cout), dtype=w.dtype)
     row_phases = [phase_taps(taps_h, a, s, d0) for a in range(s)]
     col_phases = [phase_taps(taps_w, b, s, e0) for b in range(s)]
-    for a, rows in enumerate(row_phases):
-        # all the taps of phase (a, b) in one copy (on a GPU, launches cost more than bytes)
-        for b, cols in enumerate(col_phases):
-            if rows and cols:
-                taps[rows[0], cols[0], :, a, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
+    if backend.is_device_array(w):  # on a GPU: one launch instead of s*s + 1 (``kernels``' subpixel_weights)
+        kernels.kernel(xp, "subpixel_weights")(w, cin, cout, kh, kw, tw, s, padding, d0, e0, wsub[one:])
+    else:
+        wsub[one:] = 0
+        taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
+        for a, rows in enumerate(row_phases):
+            for b, cols in enumerate(col_phases):  # all the taps of phase (a, b) in one copy
+                if rows and cols:
+                    taps[rows[0], cols[0], :, a, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
     if bias is not None:
         wsub[0] = bias  # every phase of every pixel
 

@@ -26,8 +26,8 @@ from scratchvae import kernels  # noqa: E402
 
 NDARRAY, INDEXER, SCALAR = 1, 2, 3  # CuPy 14's _ArgKind values
 INCLUDE = os.path.join(os.path.dirname(cupy.__file__), "_core", "include")
-SCALARS = {"m", "eps", "momentum", "unbias", "batch_stats", "slope", "beta1", "beta2", "step_size", "bias2",
-           "weight_decay"}  # the parameters the layers pass as Python numbers
+# the parameters the layers pass as Python numbers: every int32 one, and these
+SCALARS = {"m", "eps", "momentum", "unbias", "slope", "beta1", "beta2", "step_size", "bias2", "weight_decay"}
 
 
 def elementwise_source(name, spec, dtype):
@@ -35,8 +35,10 @@ def elementwise_source(name, spec, dtype):
     infos = []
     for p in k.in_params + k.out_params:
         dt = numpy.dtype(dtype if p.dtype is None else p.dtype)
-        if p.name in SCALARS:
+        if p.name in SCALARS or dt == numpy.int32:
             infos.append(_kernel._ArgInfo(SCALAR, object, dt, 0, True, True))
+        elif p.raw:  # read by index: 4-D and strided, CuPy's general CArray (the images seen as NHWC are)
+            infos.append(_kernel._ArgInfo(NDARRAY, cupy.ndarray, dt, 4, False, True))
         else:
             infos.append(_kernel._ArgInfo(NDARRAY, cupy.ndarray, dt, 2, True, True))
     infos.append(_kernel._ArgInfo(INDEXER, object, None, 2, True, True))

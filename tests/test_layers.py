@@ -166,20 +166,21 @@ def check_gather(xp):
     ]
     for index, ((h, w), top, left, (oh, ow), k, s) in enumerate(cases):
         planes = randn(xp, 2, 3, h, w, seed=30 + index)
-        for x in (planes.transpose(0, 2, 3, 1), xp.ascontiguousarray(planes.transpose(0, 2, 3, 1))):
+        for x, one in itertools.product((planes.transpose(0, 2, 3, 1), xp.ascontiguousarray(planes.transpose(0, 2, 3, 1))),
+                                        (1, 0)):
             module = layers.Module()
-            got = backend.to_host(layers.gather(module, "col", x, top, left, oh, ow, k, k, s, ones_column=True))
+            got = backend.to_host(layers.gather(module, "col", x, top, left, oh, ow, k, k, s, ones_column=bool(one)))
             pad = 10  # more than any window reaches outside
             big = numpy.zeros((2, h + 2 * pad, w + 2 * pad, 3))
             big[:, pad:pad + h, pad:pad + w] = backend.to_host(x)
             want = numpy.lib.stride_tricks.as_strided(big[:, pad + top:, pad + left:], (2, oh, ow, k, k * 3),
                                                       (big.strides[0], s * big.strides[1], s * big.strides[2],
                                                        big.strides[1], big.strides[3]))
-            assert got.shape == (2 * oh * ow, 1 + k * k * 3)
-            numpy.testing.assert_array_equal(got[:, 0], 1)
-            numpy.testing.assert_array_equal(got[:, 1:], want.reshape(2 * oh * ow, -1))
-            got2 = backend.to_host(layers.gather(module, "col", 2 * x, top, left, oh, ow, k, k, s, ones_column=True))
-            numpy.testing.assert_array_equal(got2[:, 1:], 2 * want.reshape(2 * oh * ow, -1))  # work arrays reused
+            assert got.shape == (2 * oh * ow, one + k * k * 3)
+            numpy.testing.assert_array_equal(got[:, :one], 1)
+            numpy.testing.assert_array_equal(got[:, one:], want.reshape(2 * oh * ow, -1))
+            got2 = backend.to_host(layers.gather(module, "col", 2 * x, top, left, oh, ow, k, k, s, ones_column=bool(one)))
+            numpy.testing.assert_array_equal(got2[:, one:], 2 * want.reshape(2 * oh * ow, -1))  # work arrays reused
 
 
 @pytest.mark.parametrize("s,p,op", [(1, 0, 0), (1, 1, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1)])
@@ -193,19 +194,27 @@ def test_conv_transpose2d_forward_matches_naive_loop(xp, f64, s, p, op):
     numpy.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_transposed_conv_matches_naive_loop_for_every_kernel_geometry():
-    """The sub-pixel weight matrix, built phase by phase from strided slices of W, is right for kernels of
-    1 to 5 taps (square and not), strides 1 to 3, every padding below the kernel size, with a bias."""
-    for kh, kw, s in itertools.product(range(1, 6), (1, 3, 4), (1, 2, 3)):
-        for p in range(min(kh, kw)):
-            for op in range(s):
-                layer = layers.ConvTranspose2d(2, 3, (kh, kw), stride=s, padding=p, output_padding=op,
-                                               rng=backend.rng(kh + 10 * kw + 100 * s), dtype=numpy.float64)
-                x = randn(numpy, 2, 3, 4, 2, seed=p + 7 * op)
+@pytest.mark.parametrize("stand_in", [False, True])
+def test_transposed_conv_matches_naive_loop_for_every_kernel_geometry(monkeypatch, stand_in):
+    """The sub-pixel weight matrix, built phase by phase from strided slices of W (on a device: by the
+    ``subpixel_weights`` kernel, here on the tests' stand-in device), is right for kernels of 1 to 5 taps (square
+    and not), strides 1 to 3, every padding below the kernel size, with a bias and without."""
+    from strict_device import use_strict_device  # noqa: PLC0415
+
+    monkeypatch.setitem(backend._state, "xp", numpy)
+    with use_strict_device() if stand_in else contextlib.nullcontext(numpy) as xp:
+        for kh, kw, s in itertools.product(range(1, 6), (1, 3, 4), (1, 2, 3)):
+            for p, op in itertools.product(range(min(kh, kw)), range(s)):
                 if (3 - 1) * s - 2 * p + kh + op <= 0 or (4 - 1) * s - 2 * p + kw + op <= 0:
                     continue
-                want = naive_conv_transpose2d(x, layer.params["W"], layer.params["b"], s, p, op)
-                numpy.testing.assert_allclose(layer.forward(x), want, rtol=1e-12, atol=1e-12,
+                bias = (kh + op) % 2 == 0
+                layer = layers.ConvTranspose2d(2, 3, (kh, kw), stride=s, padding=p, output_padding=op, bias=bias,
+                                               rng=backend.rng(kh + 10 * kw + 100 * s), dtype=numpy.float64)
+                x = backend.to_host(randn(numpy, 2, 3, 4, 2, seed=p + 7 * op))
+                w = backend.to_host(layer.params["W"])
+                b = backend.to_host(layer.params["b"]) if bias else 0
+                want = naive_conv_transpose2d(x, w, b, s, p, op)
+                numpy.testing.assert_allclose(backend.to_host(layer.forward(xp.asarray(x))), want, rtol=1e-12, atol=1e-12,
                                               err_msg=f"kernel {kh}x{kw}, stride {s}, padding {p}, output padding {op}")
 
 
