@@ -1,22 +1,25 @@
-r"""Fused kernels for the GPU path: BatchNorm with its activation in 13 CUDA launches a layer instead of 64,
+r"""Fused kernels for the GPU path: BatchNorm with its activation in 10 CUDA launches a layer instead of 64,
 Adam's update in one instead of 13, and the convolutions' column matrix and sub-pixel weights in one each.
 
 On a GPU every array operation is at least one kernel launch, and CuPy spends microseconds of Python and driver
 time on each, whatever the array's size; for this VAE's small layers that can outweigh the arithmetic
 (``benchmarks/count_ops.py`` counts the launches). BatchNorm's formulas (``layers.BatchNorm2d``) written as NumPy
 operations are some thirty launches each way, most of them on vectors of C numbers; here each stage is one
-user-defined kernel whose body is the formula for one element, in CUDA C (each sum over pixels two launches,
-``per_channel``: seven forward, six backward):
+user-defined kernel whose body is the formula for one element, in CUDA C (six launches forward, four backward).
+Each sum over pixels is taken in blocks of rows first (``block_sums``), so that the GPU has thousands of sums to
+share out rather than C; the kernel that uses a sum adds up its blocks' sums itself, except for the mean, which
+``bn_centre`` needs at every pixel and ``per_channel`` adds up beforehand:
 
 =========================  ==========================================================================
 ``sum_rows``               per-channel sums :math:`\sum_p x_{pc}` (float64)
 ``sum_products``           per-channel sums :math:`\sum_p x_{pc} w_{pc}` (float64)
 ``bn_centre``              :math:`x - \mu`, with :math:`\mu` = the sum over the pixels / m
-``bn_batch_stats``         :math:`1/\sigma`, :math:`\gamma/\sigma`, and the running averages' update
+``bn_batch_stats``         :math:`1/\sigma`, :math:`\gamma/\sigma`, and the running averages' update, from the
+                           blocks' sums of squares
 ``bn_apply``               :math:`y = \mathrm{act}(\gamma/\sigma \cdot (x - \mu) + \beta)`, act = LeakyReLU
 ``sum_grads``              :math:`\sum_p g_{pc}`, with g = dL/dy times act's derivative
 ``sum_grads_products``     :math:`\sum_p g_{pc} (x - \mu)_{pc}`
-``bn_grad_stats``          dL/dgamma, dL/dbeta and the per-channel factors of dL/dx
+``bn_grad_stats``          dL/dgamma, dL/dbeta and the per-channel factors of dL/dx, from the blocks' sums
 ``bn_backward``            :math:`dx = \gamma/\sigma \cdot (g - \bar g - \hat x \, \overline{g \hat x})`
 ``adam``                   Adam's moments and parameter update (``optim.Adam``), one pass over them
 ``im2col``                 the column matrix of every kernel window (``layers.gather``), zeros outside x
@@ -50,19 +53,27 @@ SPECS = {
     "sum_grads_products": ("reduction", "T dy, T y, T slope, T xc", "float64 s", f"(double)(T){_GRAD} * xc",
                            "a + b", "s = a", "0"),
     "bn_centre": ("elementwise", "T x, float64 total, float64 m", "T xc", "xc = x - (T)(total / m)"),
+    # (the blocks' sums come as ``block_sums(...).T``, (C, blocks): channel i's are [i * blocks, (i + 1) * blocks))
     "bn_batch_stats": (
-        "elementwise", "float64 total, float64 squares, T gamma, float64 m, float64 eps, float64 momentum, "
-        "float64 unbias", "T scale, T inv_std, T running_mean, T running_var",
-        """const double mean = total / m, var = squares / m;
+        "elementwise", "float64 total, raw float64 square_blocks, int32 blocks, T gamma, float64 m, float64 eps, "
+        "float64 momentum, float64 unbias", "T scale, T inv_std, T running_mean, T running_var",
+        """double squares = 0;
+        for (int b = 0; b < blocks; ++b) squares += square_blocks[(long long)i * blocks + b];
+        const double mean = total / m, var = squares / m;
         running_mean += (T)(momentum * (mean - running_mean));
         running_var += (T)(momentum * (var * unbias - running_var));
         inv_std = (T)(1.0 / sqrt(var + eps));
         scale = gamma * inv_std"""),
     "bn_apply": ("elementwise", "T xc, T scale, T beta, T slope", "T y", f"const T v = xc * scale + beta; y = {_ACT}"),
     "bn_grad_stats": (
-        "elementwise", "float64 sum_g, float64 sum_g_xc, T gamma, T inv_std, float64 m, int32 batch_stats",
-        "T dgamma, T dbeta, T scale, T mean_g, T xc_scale",
-        """const double sum_g_xhat = sum_g_xc * inv_std;
+        "elementwise", "raw float64 g_blocks, raw float64 g_xc_blocks, int32 blocks, T gamma, T inv_std, float64 m, "
+        "int32 batch_stats", "T dgamma, T dbeta, T scale, T mean_g, T xc_scale",
+        """double sum_g = 0, sum_g_xc = 0;
+        for (int b = 0; b < blocks; ++b) {
+          sum_g += g_blocks[(long long)i * blocks + b];
+          sum_g_xc += g_xc_blocks[(long long)i * blocks + b];
+        }
+        const double sum_g_xhat = sum_g_xc * inv_std;
         dgamma += (T)sum_g_xhat;
         dbeta += (T)sum_g;
         scale = gamma * inv_std;
@@ -121,11 +132,15 @@ def kernel(xp, name):
     return _built[key]
 
 
-def per_channel(xp, name, rows, *args):
-    """Per-channel float64 sums ``(C,)`` of the reduction ``name`` over ``rows`` ``(P, C)`` (and more such arrays, or
-    scalars, in ``args``): first over blocks of up to 1024 rows, each block's sum in its own thread, then over
-    the blocks, so that the GPU has thousands of sums to share out rather than C."""
+def block_sums(xp, name, rows, *args):
+    """Per-channel float64 sums of the reduction ``name`` over ``rows`` ``(P, C)`` (and more such arrays, or scalars,
+    in ``args``), one for each block of up to 1024 rows, each block's in its own thread: ``(blocks, C)``."""
     p, c = rows.shape
     block = math.gcd(p, 1024)
     blocked = [a.reshape(p // block, block, c) if hasattr(a, "reshape") else a for a in (rows,) + args]
-    return kernel(xp, name)(*blocked, axis=1).sum(axis=0)
+    return kernel(xp, name)(*blocked, axis=1)
+
+
+def per_channel(xp, name, rows, *args):
+    """Per-channel float64 sums ``(C,)`` of the reduction ``name`` over ``rows``: the ``block_sums`` added up."""
+    return block_sums(xp, name, rows, *args).sum(axis=0)

@@ -856,9 +856,9 @@ class BatchNorm2d(Module):
             total = kernels.per_channel(xp, "sum_rows", rows)
             kernels.kernel(xp, "bn_centre")(rows, total, float(m), xc)
             scale, inv_std = xp.empty(c, dtype=dtype), xp.empty(c, dtype=dtype)
-            kernels.kernel(xp, "bn_batch_stats")(
-                total, kernels.per_channel(xp, "sum_products", xc, xc), gamma, float(m), self.eps, self.momentum,
-                m / max(m - 1, 1), scale, inv_std, rm, rv)
+            squares = kernels.block_sums(xp, "sum_products", xc, xc)
+            kernels.kernel(xp, "bn_batch_stats")(total, squares.T, len(squares), gamma, float(m), self.eps,
+                                                 self.momentum, m / max(m - 1, 1), scale, inv_std, rm, rv)
         else:
             xp.subtract(rows, rm, out=xc)
             inv_std = (1.0 / xp.sqrt(rv + self.eps)).astype(dtype)
@@ -876,11 +876,11 @@ class BatchNorm2d(Module):
         slope = 1.0 if self.activation is None else self.activation.slope  # (slope 1: g = dy, whatever y is)
         c = len(self.inv_std)
         scale, mean_g, xc_scale = (xp.empty(c, dtype=dtype) for _ in range(3))
-        kernels.kernel(xp, "bn_grad_stats")(
-            kernels.per_channel(xp, "sum_grads", dy_rows, y_rows, slope),
-            kernels.per_channel(xp, "sum_grads_products", dy_rows, y_rows, slope, self.xc),
-            self.params["gamma"], self.inv_std, float(self.m), int(self.training),
-            self.grads["gamma"], self.grads["beta"], scale, mean_g, xc_scale)
+        sum_g = kernels.block_sums(xp, "sum_grads", dy_rows, y_rows, slope)
+        sum_g_xc = kernels.block_sums(xp, "sum_grads_products", dy_rows, y_rows, slope, self.xc)
+        kernels.kernel(xp, "bn_grad_stats")(sum_g.T, sum_g_xc.T, len(sum_g), self.params["gamma"], self.inv_std,
+                                            float(self.m), int(self.training),
+                                            self.grads["gamma"], self.grads["beta"], scale, mean_g, xc_scale)
         dx = self.output_array("dx", dy.shape, dtype, xp)
         kernels.kernel(xp, "bn_backward")(dy_rows, y_rows, slope, self.xc, mean_g, xc_scale, scale,
                                           dx.reshape(dy_rows.shape))
