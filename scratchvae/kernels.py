@@ -24,10 +24,13 @@ share out rather than C; the kernel that uses a sum adds up its blocks' sums its
 ``adam``                   Adam's moments and parameter update (``optim.Adam``), one pass over them
 ``im2col``                 the column matrix of every kernel window (``layers.gather``), zeros outside x
 ``subpixel_weights``       W rearranged for the sub-pixel transposed convolution (``layers.transposed_conv``)
+``tap_planes_sum``         a multiply-first convolution's output: its bias plus the tap planes, shifted
+``tap_planes_of_dy``       the shifted copies of dy that its backward multiplies (``layers.Conv2d``)
 =========================  ==========================================================================
 
-The last two move numbers only: they give the NumPy path's arrays exactly, each element read from where the
-NumPy path's strided copies take it, by index arithmetic (``raw`` inputs are read at a computed index).
+The last four move numbers, or add them in the NumPy path's order: they give the NumPy path's arrays exactly,
+each element read from where the NumPy path's strided copies take it, by index arithmetic (a ``raw`` input is
+read at a computed index).
 
 The activation is LeakyReLU with ``slope`` (ReLU: 0); slope 1 makes it the identity, for a BatchNorm alone.
 The NumPy path computes the same numbers with ufuncs, piece by piece in cache; each body repeats its order
@@ -114,6 +117,31 @@ SPECS = {
                          const int ti = a + pad - stride * (d0 + t), tj = b + pad - stride * (e0 + u);
                          wsub = (0 <= ti && ti < kh && 0 <= tj && tj < kw)
                              ? w[(((long long)ch * cout + o) * kh + ti) * kw + tj] : (T)0"""),
+    # y (N, C_out, OH, OW) of a stride-1 convolution = bias + every tap plane z[ti, tj, o] (N, H, W) that reaches it,
+    # z[ti, tj, o][n, p + ti - pad, q + tj - pad], added one tap after the other, as the NumPy path does
+    "tap_planes_sum": ("elementwise", "raw T z, raw T bias, int32 n, int32 h, int32 w, int32 cout, int32 oh, int32 ow, "
+                       "int32 kh, int32 kw, int32 pad", "T y",
+                       """const int q = (int)(i % ow), p = (int)(i / ow % oh), o = (int)(i / ((long long)ow * oh) % cout);
+                       const long long img = i / ((long long)ow * oh * cout);
+                       T total = bias[o];
+                       for (int ti = 0; ti < kh; ++ti) {
+                         const int r = p + ti - pad;
+                         for (int tj = 0; tj < kw; ++tj) {
+                           const int s = q + tj - pad;
+                           if (0 <= r && r < h && 0 <= s && s < w)
+                             total += z[((((long long)(ti * kw + tj) * cout + o) * n + img) * h + r) * w + s];
+                         }
+                       }
+                       y = total"""),
+    # its backward's dz (kh, kw, C_out, N, H, W): dz[ti, tj, o][n, r, s] = dy[o][n, r - ti + pad, s - tj + pad], the
+    # output pixel that tap read input pixel (r, s) for; zero where that lies outside dy (from dy's planes (C_out, N, OH, OW))
+    "tap_planes_of_dy": ("elementwise", "raw T dy_planes, int32 n, int32 h, int32 w, int32 cout, int32 oh, int32 ow, "
+                         "int32 kw, int32 pad", "T dz",
+                         """const int s = (int)(i % w), r = (int)(i / w % h);
+                         const long long rest = i / ((long long)w * h);
+                         const long long img = rest % n, o = rest / n % cout, tap = rest / ((long long)n * cout);
+                         const int p = r - (int)(tap / kw) + pad, q = s - (int)(tap % kw) + pad;
+                         dz = (0 <= p && p < oh && 0 <= q && q < ow) ? dy_planes[((o * n + img) * oh + p) * ow + q] : (T)0"""),
 }
 OPTIONS = ("--fmad=false",)  # NVRTC's: a * b + c rounded twice, as NumPy does, not once (fused multiply-add)
 

@@ -586,9 +586,14 @@ class Conv2d(Module):
         # the output is held as image planes, NCHW, where every shift moves whole rows (and which is the
         # layout the images, and so the loss, have)
         y = self.output_array("y", (n, cout, oh, ow), x.dtype, xp)
-        y[...] = self.params["b"][None, :, None, None] if "b" in self.params else 0
         taps, block = self._taps_by_input(), self._block(x)
         z = self.work_array("z", (self.kh * self.kw * cout, block * h * w), x.dtype, xp)
+        if backend.is_device_array(x):  # one block of all N images; the bias and every shifted add in one launch
+            xp.matmul(taps, self.x2.T, out=z)
+            bias = self.params["b"] if "b" in self.params else xp.zeros(cout, dtype=x.dtype)
+            kernels.kernel(xp, "tap_planes_sum")(z, bias, n, h, w, cout, oh, ow, self.kh, self.kw, self.padding, y)
+            return y.transpose(0, 2, 3, 1)
+        y[...] = self.params["b"][None, :, None, None] if "b" in self.params else 0
         z6 = z.reshape(self.kh, self.kw, cout, block, h, w)
         for start in range(0, n, block):
             # z[i, j, o] is the plane (block, H, W) of every input pixel times tap (i, j) for output channel o
@@ -613,8 +618,11 @@ class Conv2d(Module):
         dw = xp.zeros((len(dz2), c), dtype=xp.float64 if block < n else dy.dtype)  # (kh*kw*out, in)
         dx = self.output_array("dx", (n * h * w, c), dy.dtype, xp) if self.input_grad else None
         for start in range(0, n, block):
-            for i, j, (rows, cols), (in_rows, in_cols) in self._shifts():
-                dz[i, j][:, :, in_rows, in_cols] = dy_planes[:, start:start + block, rows, cols]
+            if backend.is_device_array(dy):  # one block of all N images: every tap's copy in one launch
+                kernels.kernel(xp, "tap_planes_of_dy")(dy_planes, n, h, w, cout, *self.out_hw, self.kw, self.padding, dz)
+            else:
+                for i, j, (rows, cols), (in_rows, in_cols) in self._shifts():
+                    dz[i, j][:, :, in_rows, in_cols] = dy_planes[:, start:start + block, rows, cols]
             pixels = slice(start * h * w, (start + block) * h * w)
             dw += sum_over_rows(dz2.T, self.x2[pixels])
             if dx is not None:

@@ -359,6 +359,52 @@ def test_conv2d_multiply_first_forward_matches_naive_loop(xp, f64, p):
 
 
 @pytest.mark.parametrize("make,shape", [
+    (lambda: layers.Conv2d(4, 3, 3, padding=1), (2, 5, 6, 4)),  # multiply first, like the decoder's last layer
+    (lambda: layers.Conv2d(4, 3, (2, 3), padding=0, bias=False), (3, 5, 6, 4)),
+    (lambda: layers.Conv2d(4, 2, (5, 3), padding=2), (2, 4, 7, 4)),
+    (lambda: layers.Conv2d(4, 1, 1), (2, 3, 3, 4)),
+    (lambda: layers.Conv2d(3, 5, 3, stride=2, padding=1), (2, 7, 6, 3)),  # gather, then one product
+    (lambda: layers.Conv2d(2, 4, (3, 2), stride=3, padding=(1)), (2, 8, 7, 2)),
+    (lambda: layers.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1), (2, 3, 4, 3)),
+    (lambda: layers.ConvTranspose2d(2, 3, (4, 3), stride=2, padding=1, bias=False), (3, 2, 3, 2)),
+])
+def test_convolutions_on_the_stand_in_device_give_the_numpy_numbers(monkeypatch, make, shape):
+    """On a device the convolutions run ``scratchvae.kernels``' im2col, subpixel_weights, tap_planes_sum and
+    tap_planes_of_dy (here on the tests' stand-in device, which compiles their CUDA C for the CPU): output, dx and
+    the parameter gradients (two backward calls) equal the NumPy path's to 1e-12 in float64, for the images'
+    NCHW layout seen as NHWC and for contiguous input."""
+    from strict_device import use_strict_device  # noqa: PLC0415
+
+    rng = numpy.random.default_rng(17)
+    planes = rng.standard_normal((shape[0], shape[3], shape[1], shape[2]))
+    x = planes.transpose(0, 2, 3, 1)
+
+    def run(xp, x):
+        with backend.default_dtype(numpy.float64):
+            layer = make()
+        for name, value in params.items():
+            layer.params[name][...] = xp.asarray(value)
+        y = layer.forward(xp.asarray(x) if x.flags.c_contiguous else xp.asarray(planes).transpose(0, 2, 3, 1))
+        dy = rng_dy.standard_normal(y.shape)
+        results = [backend.to_host(y).copy()]
+        for g in (dy, 2 * dy):
+            results.append(backend.to_host(layer.backward(xp.asarray(g))).copy())
+        return results + [backend.to_host(g) for g in layer.grads.values()]
+
+    monkeypatch.setitem(backend._state, "xp", numpy)
+    with backend.default_dtype(numpy.float64):
+        params = {name: rng.standard_normal(p.shape) for name, p in make().params.items()}
+    for x_in in (x, numpy.ascontiguousarray(x)):
+        rng_dy = numpy.random.default_rng(18)
+        want = run(numpy, x_in)
+        rng_dy = numpy.random.default_rng(18)
+        with use_strict_device() as dev:
+            got = run(dev, x_in)
+        for name, a, b in zip(["y", "dx", "dx (second call)", *params], got, want):
+            numpy.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("make,shape", [
     (lambda: layers.Conv2d(3, 4, 3, stride=2, padding=1, rng=backend.rng(15)), (2, 7, 6, 3)),
     (lambda: layers.Conv2d(4, 2, 3, stride=1, padding=1, rng=backend.rng(15)), (2, 5, 6, 4)),
     (lambda: layers.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1, rng=backend.rng(15)), (2, 3, 4, 3)),
