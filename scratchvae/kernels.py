@@ -1,5 +1,6 @@
 r"""Fused kernels for the GPU path: BatchNorm with its activation in 10 CUDA launches a layer instead of 64,
-Adam's update in one instead of 13, and the convolutions' column matrix and sub-pixel weights in one each.
+Adam's update in one instead of 13, and each of the convolutions' gathers, weight rearrangements and shifted
+sums in one instead of up to 19.
 
 On a GPU every array operation is at least one kernel launch, and CuPy spends microseconds of Python and driver
 time on each, whatever the array's size; for this VAE's small layers that can outweigh the arithmetic
@@ -21,6 +22,7 @@ share out rather than C; the kernel that uses a sum adds up its blocks' sums its
 ``sum_grads_products``     :math:`\sum_p g_{pc} (x - \mu)_{pc}`
 ``bn_grad_stats``          dL/dgamma, dL/dbeta and the per-channel factors of dL/dx, from the blocks' sums
 ``bn_backward``            :math:`dx = \gamma/\sigma \cdot (g - \bar g - \hat x \, \overline{g \hat x})`
+``add_block_sums``         a gradient += the per-channel total of blocks' sums (a transposed conv's bias)
 ``adam``                   Adam's moments and parameter update (``optim.Adam``), one pass over them
 ``im2col``                 the column matrix of every kernel window (``layers.gather``), zeros outside x
 ``subpixel_weights``       W rearranged for the sub-pixel transposed convolution (``layers.transposed_conv``)
@@ -82,6 +84,10 @@ SPECS = {
         scale = gamma * inv_std;
         mean_g = batch_stats ? (T)(sum_g / m) : (T)0;
         xc_scale = batch_stats ? (T)(-sum_g_xhat * inv_std / m) : (T)0"""),
+    "add_block_sums": ("elementwise", "raw float64 sums, int32 blocks", "T total",
+                       """double s = 0;
+                       for (int b = 0; b < blocks; ++b) s += sums[(long long)i * blocks + b];
+                       total += (T)s"""),
     "bn_backward": ("elementwise", "T dy, T y, T slope, T xc, T mean_g, T xc_scale, T scale", "T dx",
                     f"const T g = {_GRAD}; dx = ((g - mean_g) + xc * xc_scale) * scale"),
     "adam": ("elementwise", "T g, float64 beta1, float64 beta2, float64 step_size, float64 bias2, float64 eps, "
