@@ -7,10 +7,11 @@ On a GPU every array operation is a kernel launch, and CuPy spends some microsec
 time on each; for the small layers of this VAE that can outweigh the GPU's arithmetic. The count needs no
 GPU: the step runs on the tests' stand-in device (``tests/strict_device.py``: NumPy arrays that take the
 code's device branches, as CuPy arrays do), and every ufunc call, NumPy function, assignment into an array,
-filled constructor (zeros, ones, full), ``ascontiguousarray`` that copies, ``astype`` that copies and call
-of a user-defined kernel (``scratchvae.kernels``) is counted once, attributed to the innermost layer
-running. It is a lower bound on launches: CuPy runs some operations (einsum, a copy of a strided view, a
-matrix product's setup) as several kernels, and allocations are not counted.
+filled constructor (zeros, ones, full), ``ascontiguousarray``, ``astype`` or ``reshape`` that copies, ``copy``,
+and call of a user-defined kernel (``scratchvae.kernels``) is counted once, attributed to the innermost layer
+running, and so is each operand (or output) of a matrix product that CuPy copies first because it is neither
+C- nor F-contiguous. It is a lower bound on launches: CuPy runs some operations (einsum, a matrix product's
+setup) as several kernels, and allocations are not counted.
 The count does not depend on the batch size.
 """
 from __future__ import annotations
@@ -73,6 +74,27 @@ def install(counter):
         return run
 
     cls.__array_ufunc__ = counted(cls.__array_ufunc__)
+    # the copies CuPy makes behind an operation: matmul copies an operand that is neither C- nor F-contiguous
+    # before calling cuBLAS (and computes into a temporary, then copies, for such an out); reshape copies a
+    # view it cannot reshape in place; copy always copies
+    matmul_ufunc = cls.__array_ufunc__
+
+    def matmul_copies(self, ufunc, method, *inputs, out=None, **kwargs):
+        if ufunc is numpy.matmul:
+            for a in (*inputs, *(out or ())):
+                if isinstance(a, numpy.ndarray) and not (a.flags.c_contiguous or a.flags.f_contiguous):
+                    counter.note()
+        return matmul_ufunc(self, ufunc, method, *inputs, out=out, **kwargs)
+    cls.__array_ufunc__ = matmul_copies
+    cls.copy = counted(cls.copy)
+    reshape = cls.reshape
+
+    def reshape_copies(self, *args, **kwargs):
+        out = reshape(self, *args, **kwargs)
+        if out.size and not numpy.shares_memory(out.view(numpy.ndarray), self.view(numpy.ndarray)):
+            counter.note()
+        return out
+    cls.reshape = reshape_copies
     cls.__array_function__ = counted(cls.__array_function__)
     cls.__setitem__ = counted(cls.__setitem__)
     for kernel_class in (standin_kernels.ElementwiseKernel, standin_kernels.ReductionKernel):  # one launch a call

@@ -51,7 +51,7 @@ class Module:
         self.input_grad = True  # False: backward skips dL/dx and returns None (a first layer, fed data)
         self.recycle_outputs = False  # True inside a training step: see output_array
         self._work = {}     # name -> (signature, array): scratch arrays reused from step to step
-        self._flat = None   # (params, grads) of flatten_parameters
+        self._flat = None   # (params, grads, buffers) of flatten_parameters
 
     # -- the protocol -------------------------------------------------------------------------
     def forward(self, x):
@@ -181,11 +181,13 @@ class Module:
             g[...] = 0
 
     def flatten_parameters(self):
-        """Move every parameter below this module into one contiguous array, and every gradient into another;
-        each module's ``params`` and ``grads`` then hold views of them (values kept). Returns self.
+        """Move every parameter below this module into one contiguous array, every gradient into another, and
+        every buffer into a third; each module's ``params``, ``grads`` and ``buffers`` then hold views of them
+        (values kept). Returns self.
 
         An optimiser then updates all the parameters with a few whole-array operations (see
-        ``flat_parameters``): on a GPU a few kernels in all, instead of a few for each of dozens of arrays.
+        ``flat_parameters``), and ``snapshot_buffers`` copies the buffers in one: on a GPU a few kernels in all,
+        instead of a few for each of dozens of arrays.
         """
         if self.flat_parameters() is not None:
             return self  # already done: moving them again would strand an optimiser holding the old arrays
@@ -196,7 +198,10 @@ class Module:
         xp, dtype = array_module(named[0][1]), named[0][1].dtype
         total = sum(int(p.size) for _, p, _ in named)
         flat_p, flat_g = xp.empty(total, dtype=dtype), xp.empty(total, dtype=dtype)
-        offset = 0
+        buffers = list(self.named_buffers())
+        same_dtype = all(b.dtype == dtype for _, b in buffers)
+        flat_b = xp.empty(sum(int(b.size) for _, b in buffers), dtype=dtype) if same_dtype else None
+        offset = offset_b = 0
         for _, mod in self.named_modules():
             for name, p in mod.params.items():
                 size, g = int(p.size), mod.grads[name]
@@ -205,7 +210,12 @@ class Module:
                 mod.params[name] = flat_p[offset:offset + size].reshape(p.shape)
                 mod.grads[name] = flat_g[offset:offset + size].reshape(g.shape)
                 offset += size
-        self._flat = (flat_p, flat_g)
+            for name, b in mod.buffers.items() if same_dtype else ():
+                size = int(b.size)
+                flat_b[offset_b:offset_b + size] = b.reshape(-1)
+                mod.buffers[name] = flat_b[offset_b:offset_b + size].reshape(b.shape)
+                offset_b += size
+        self._flat = (flat_p, flat_g, flat_b)
         return self
 
     def flat_parameters(self):
@@ -214,10 +224,33 @@ class Module:
         own memory); otherwise None."""
         if self._flat is None:
             return None
-        flat_p, flat_g = self._flat
+        flat_p, flat_g, _ = self._flat
         if all(p.base is flat_p and g.base is flat_g for _, p, g in self.named_parameters()):
-            return self._flat
+            return flat_p, flat_g
         return None
+
+    def _flat_buffers(self):
+        # the buffers' one array of flatten_parameters, while every buffer is still a view of it; else None
+        flat_b = None if self._flat is None else self._flat[2]
+        if flat_b is not None and all(b.base is flat_b for _, b in self.named_buffers()):
+            return flat_b
+        return None
+
+    def snapshot_buffers(self):
+        """A copy of every buffer below this module (BatchNorm's running statistics), for ``restore_buffers``:
+        one copy of their shared array where ``flatten_parameters`` made one, else one copy per buffer."""
+        flat_b = self._flat_buffers()
+        if flat_b is not None:
+            return flat_b.copy()
+        return {name: b.copy() for name, b in self.named_buffers()}
+
+    def restore_buffers(self, snapshot):
+        """Put back the buffers' values of ``snapshot_buffers``, in place."""
+        if isinstance(snapshot, dict):
+            for name, b in self.named_buffers():
+                b[...] = snapshot[name]
+        else:
+            self._flat_buffers()[...] = snapshot
 
     def train(self, mode=True):
         """Training mode (BatchNorm uses batch statistics); returns self."""

@@ -383,15 +383,14 @@ class VAE(Module):
         self.zero_grad()
         # BatchNorm updates its running statistics during the forward pass: keep them, to put them back
         # if this batch's loss turns out NaN (they are small vectors)
-        saved_buffers = {name: b.copy() for name, b in self.named_buffers()}
+        saved_buffers = self.snapshot_buffers()
         with self.recycling_outputs():  # nothing the layers return outlives the step (see Module.output_array)
             loss, recon, kl = self.forward_backward(x, eps=eps, rng=rng)
         # the step's one transfer to the host: the three logged scalars together
         scalars = to_host(array_module(loss).stack([loss, recon.mean(), kl.mean()]))
         logs = {"loss": float(scalars[0]), "recon": float(scalars[1]), "kl": float(scalars[2])}
         if not all(math.isfinite(v) for v in logs.values()):
-            for name, b in self.named_buffers():
-                b[...] = saved_buffers[name]
+            self.restore_buffers(saved_buffers)
             raise NonFiniteLossError(f"non-finite loss {logs}; parameters and BatchNorm statistics were not "
                                      "updated. Lower the learning rate, or check the input batch for NaN pixels.")
         optimizer.step()

@@ -153,6 +153,32 @@ def test_deep_copy_of_a_flat_model_falls_back_to_one_array_per_parameter(xp):
     assert len(Adam(clone).groups) == len(list(clone.named_parameters()))
 
 
+@pytest.mark.parametrize("flat", [True, False])
+def test_snapshot_and_restore_of_the_buffers(xp, flat):
+    """BatchNorm's running statistics are views of one array too (one copy saves them all, as ``train_step`` does
+    before a step it may have to undo); a deep copy falls back to a copy per buffer. Either way ``restore_buffers``
+    puts back every value and keeps the arrays the layers hold."""
+    import copy  # noqa: PLC0415
+
+    model = tiny_vae(xp) if flat else copy.deepcopy(tiny_vae(xp))
+    buffers = dict(model.named_buffers())
+    assert len(buffers) == 8  # four BatchNorm2d layers (two in the encoder, two in the decoder), two buffers each
+    for i, b in enumerate(buffers.values()):
+        b[...] = xp.asarray(numpy.arange(b.size, dtype=b.dtype) + 10 * i)
+    want = {name: backend.to_host(b).copy() for name, b in buffers.items()}
+    snapshot = model.snapshot_buffers()
+    if flat:
+        assert snapshot.shape == (sum(b.size for b in buffers.values()),)  # one array
+    else:
+        assert isinstance(snapshot, dict) and set(snapshot) == set(buffers)
+    for b in buffers.values():
+        b[...] = -1
+    model.restore_buffers(snapshot)
+    for name, b in model.named_buffers():
+        assert b is buffers[name]
+        numpy.testing.assert_array_equal(backend.to_host(b), want[name], err_msg=name)
+
+
 def test_adam_on_the_flat_array_equals_adam_per_parameter(xp):
     """One group over the flat array and one group per parameter: the same numbers, the same state dict."""
     import copy  # noqa: PLC0415
