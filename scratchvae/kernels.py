@@ -111,14 +111,14 @@ SPECS = {
                  const int r = top + stride * p + ti, s = left + stride * q + tj;
                  col = (0 <= r && r < h && 0 <= s && s < w) ? x[((n * h + r) * w + s) * c + ch] : (T)0;
                }"""),
-    # wsub (window row t, window column u, C_in, row phase a, column phase b, C_out) holds W[c, o, ti, tj] for the
+    # wsub (row phase a, window row t, window column u, C_in, column phase b, C_out) holds W[c, o, ti, tj] for the
     # kernel row ti = a + pad - s d that phase a applies at shift d = d0 + t (``layers.subpixel_taps``), and the
     # same along columns; zero where that row or column lies outside the kernel
-    "subpixel_weights": ("elementwise", "raw T w, int32 cin, int32 cout, int32 kh, int32 kw, int32 tw, int32 stride, "
-                         "int32 pad, int32 d0, int32 e0", "T wsub",
+    "subpixel_weights": ("elementwise", "raw T w, int32 cin, int32 cout, int32 kh, int32 kw, int32 th, int32 tw, "
+                         "int32 stride, int32 pad, int32 d0, int32 e0", "T wsub",
                          """const int o = (int)(i % cout), b = (int)(i / cout % stride);
-                         const int a = (int)(i / ((long long)cout * stride) % stride);
-                         const long long tuc = i / ((long long)cout * stride * stride);
+                         const long long tuc = i / ((long long)cout * stride) % ((long long)th * tw * cin);
+                         const int a = (int)(i / ((long long)cout * stride * th * tw * cin));
                          const int ch = (int)(tuc % cin), u = (int)(tuc / cin % tw), t = (int)(tuc / ((long long)cin * tw));
                          const int ti = a + pad - stride * (d0 + t), tj = b + pad - stride * (e0 + u);
                          wsub = (0 <= ti && ti < kh && 0 <= tj && tj < kw)

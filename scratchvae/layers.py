@@ -473,21 +473,22 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     mh, mw = -(-oh // s), -(-ow // s)  # output pixels per phase (rounded up; the excess is cropped below)
     col = gather(module, "subpixel_col", x, d0, e0, mh, mw, th, tw, 1, bias is not None)
 
-    # rows (ones, window row t, window column u, c_in) x columns (row phase a, column phase b, c_out)
-    wsub = xp.empty((one + th * tw * cin, s, s, cout), dtype=w.dtype)
+    # for each row phase a, a matrix of rows (ones, window row t, window column u, c_in) x columns
+    # (column phase b, c_out): wsub[a] (contiguous, so a matrix product reads it in place)
+    wsub = xp.empty((s, one + th * tw * cin, s, cout), dtype=w.dtype)
     row_phases = [phase_taps(taps_h, a, s, d0) for a in range(s)]
     col_phases = [phase_taps(taps_w, b, s, e0) for b in range(s)]
     if backend.is_device_array(w):  # on a GPU: one launch instead of s*s + 1 (``kernels``' subpixel_weights)
-        kernels.kernel(xp, "subpixel_weights")(w, cin, cout, kh, kw, tw, s, padding, d0, e0, wsub[one:])
+        kernels.kernel(xp, "subpixel_weights")(w, cin, cout, kh, kw, th, tw, s, padding, d0, e0, wsub[:, one:])
     else:
-        wsub[one:] = 0
-        taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
+        wsub[:, one:] = 0
+        taps = wsub[:, one:].reshape(s, th, tw, cin, s, cout)
         for a, rows in enumerate(row_phases):
             for b, cols in enumerate(col_phases):  # all the taps of phase (a, b) in one copy
                 if rows and cols:
-                    taps[rows[0], cols[0], :, a, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
+                    taps[a, rows[0], cols[0], :, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
     if bias is not None:
-        wsub[0] = bias  # every phase of every pixel
+        wsub[:, 0] = bias  # every phase of every pixel
 
     shape = (n, mh, s, mw, s, cout)
     y = module.output_array(name, shape, col.dtype, xp)
@@ -495,7 +496,7 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     for a, rows in enumerate(row_phases):
         # row phase a needs the window rows up to its last tap only: a leading block of col's columns
         used = one + (rows[0].stop if rows else 0) * tw * cin
-        xp.matmul(col[:, :used], wsub[:used, a].reshape(used, s * cout), out=phase)
+        xp.matmul(col[:, :used], wsub[a, :used].reshape(used, s * cout), out=phase)
         y[:, :, a] = phase.reshape(n, mh, mw, s, cout)  # output pixels (s m + a, s m' + b): one copy
     return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
 
