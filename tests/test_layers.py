@@ -194,15 +194,19 @@ def test_conv_transpose2d_forward_matches_naive_loop(xp, f64, s, p, op):
     numpy.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("stand_in", [False, True])
-def test_transposed_conv_matches_naive_loop_for_every_kernel_geometry(monkeypatch, stand_in):
+@pytest.mark.parametrize("device", ["cpu", "stand-in", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_transposed_conv_matches_naive_loop_for_every_kernel_geometry(monkeypatch, device):
     """The sub-pixel weight matrix, built phase by phase from strided slices of W (on a device: by the
-    ``subpixel_weights`` kernel, here on the tests' stand-in device), is right for kernels of 1 to 5 taps (square
-    and not), strides 1 to 3, every padding below the kernel size, with a bias and without."""
+    ``subpixel_weights`` kernel, on a GPU or the tests' stand-in device), is right for kernels of 1 to 5 taps
+    (square and not), strides 1 to 3, every padding below the kernel size, with a bias and without."""
     from strict_device import use_strict_device  # noqa: PLC0415
 
+    if device == "gpu" and not backend.gpu_available():
+        pytest.skip("no usable GPU/CuPy")
     monkeypatch.setitem(backend._state, "xp", numpy)
-    with use_strict_device() if stand_in else contextlib.nullcontext(numpy) as xp:
+    devices = {"cpu": lambda: contextlib.nullcontext(numpy), "stand-in": use_strict_device,
+               "gpu": lambda: contextlib.nullcontext(backend.set_device("gpu"))}
+    with devices[device]() as xp:
         for kh, kw, s in itertools.product(range(1, 6), (1, 3, 4), (1, 2, 3)):
             for p, op in itertools.product(range(min(kh, kw)), range(s)):
                 if (3 - 1) * s - 2 * p + kh + op <= 0 or (4 - 1) * s - 2 * p + kw + op <= 0:
@@ -368,13 +372,16 @@ def test_conv2d_multiply_first_forward_matches_naive_loop(xp, f64, p):
     (lambda: layers.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1), (2, 3, 4, 3)),
     (lambda: layers.ConvTranspose2d(2, 3, (4, 3), stride=2, padding=1, bias=False), (3, 2, 3, 2)),
 ])
-def test_convolutions_on_the_stand_in_device_give_the_numpy_numbers(monkeypatch, make, shape):
-    """On a device the convolutions run ``scratchvae.kernels``' im2col, subpixel_weights, tap_planes_sum and
-    tap_planes_of_dy (here on the tests' stand-in device, which compiles their CUDA C for the CPU): output, dx and
-    the parameter gradients (two backward calls) equal the NumPy path's to 1e-12 in float64, for the images'
-    NCHW layout seen as NHWC and for contiguous input."""
+@pytest.mark.parametrize("device", ["stand-in", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_convolution_kernels_give_the_numpy_numbers(monkeypatch, make, shape, device):
+    """On a device the convolutions run ``scratchvae.kernels``' im2col, subpixel_weights, tap_planes_sum,
+    tap_planes_of_dy and add_block_sums (on a GPU, and on the tests' stand-in device, which compiles their CUDA C
+    for the CPU): output, dx and the parameter gradients (two backward calls) equal the NumPy path's to 1e-12 in
+    float64, for the images' NCHW layout seen as NHWC and for contiguous input."""
     from strict_device import use_strict_device  # noqa: PLC0415
 
+    if device == "gpu" and not backend.gpu_available():
+        pytest.skip("no usable GPU/CuPy")
     rng = numpy.random.default_rng(17)
     planes = rng.standard_normal((shape[0], shape[3], shape[1], shape[2]))
     x = planes.transpose(0, 2, 3, 1)
@@ -398,8 +405,9 @@ def test_convolutions_on_the_stand_in_device_give_the_numpy_numbers(monkeypatch,
         rng_dy = numpy.random.default_rng(18)
         want = run(numpy, x_in)
         rng_dy = numpy.random.default_rng(18)
-        with use_strict_device() as dev:
+        with contextlib.nullcontext(backend.set_device("gpu")) if device == "gpu" else use_strict_device() as dev:
             got = run(dev, x_in)
+        backend._state["xp"] = numpy
         for name, a, b in zip(["y", "dx", "dx (second call)", *params], got, want):
             numpy.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
 
