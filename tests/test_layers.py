@@ -149,7 +149,8 @@ def test_conv2d_forward_matches_naive_loop(xp, f64, s, p):
 @pytest.mark.parametrize("stand_in", [False, True])
 def test_gather_reads_zeros_outside_the_image_like_a_padded_copy(xp, f64, stand_in):
     """``gather`` with windows reaching past any side (even wholly outside) equals plain windows of a zero-padded copy
-    (also on the tests' stand-in device, where it takes one padded copy of the whole image instead of strips)."""
+    (also on the tests' stand-in device, where one ``im2col`` kernel writes the whole matrix), with and without a
+    column of ones."""
     if stand_in:
         from strict_device import use_strict_device  # noqa: PLC0415
 
