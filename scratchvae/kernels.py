@@ -97,19 +97,20 @@ SPECS = {
              v = v * (T)beta2 + grad * grad * (T)(1 - beta2);
              p -= m * (T)step_size / (sqrt(v / (T)bias2) + (T)eps)"""),
     # col (N*OH*OW, one + kh*kw*C): row (n, p, q), column (ones, window row ti, window column tj, channel);
-    # x (N, H, W, C) in any layout (a raw array is read by its logical index)
+    # x (N, H, W, C) in any layout (a raw array is read by its logical index). One division in 64 bits, the rest
+    # in 32 (a GPU divides 64-bit integers in software): the rows number fewer than 2^31, as 2^31 rows of at
+    # least 10 numbers would not fit in a GPU's memory
     "im2col": ("elementwise", "raw T x, int32 h, int32 w, int32 c, int32 oh, int32 ow, int32 kh, int32 kw, "
                "int32 stride, int32 top, int32 left, int32 one", "T col",
-               """const long long width = one + kh * kw * c, row = i / width;
-               const int k = (int)(i - row * width) - one;
-               const int q = (int)(row % ow), p = (int)(row / ow % oh);
-               const long long n = row / ((long long)ow * oh);
+               """const long long width = one + kh * kw * c, row64 = i / width;
+               const int k = (int)(i - row64 * width) - one, row = (int)row64;
+               const int q = row % ow, p = row / ow % oh, n = row / (ow * oh);
                if (k < 0) {
                  col = (T)1;
                } else {
                  const int ch = k % c, tj = k / c % kw, ti = k / (c * kw);
                  const int r = top + stride * p + ti, s = left + stride * q + tj;
-                 col = (0 <= r && r < h && 0 <= s && s < w) ? x[((n * h + r) * w + s) * c + ch] : (T)0;
+                 col = (0 <= r && r < h && 0 <= s && s < w) ? x[(((long long)n * h + r) * w + s) * c + ch] : (T)0;
                }"""),
     # wsub (row phase a, window row t, window column u, C_in, column phase b, C_out) holds W[c, o, ti, tj] for the
     # kernel row ti = a + pad - s d that phase a applies at shift d = d0 + t (``layers.subpixel_taps``), and the
