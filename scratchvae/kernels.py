@@ -98,8 +98,7 @@ SPECS = {
              p -= m * (T)step_size / (sqrt(v / (T)bias2) + (T)eps)"""),
     # col (N*OH*OW, one + kh*kw*C): row (n, p, q), column (ones, window row ti, window column tj, channel);
     # x (N, H, W, C) in any layout (a raw array is read by its logical index). One division in 64 bits, the rest
-    # in 32 (a GPU divides 64-bit integers in software): the rows number fewer than 2^31, as 2^31 rows of at
-    # least 10 numbers would not fit in a GPU's memory
+    # in 32 (a GPU divides 64-bit integers in software): ``layers.gather`` makes sure the rows number fewer than 2^31
     "im2col": ("elementwise", "raw T x, int32 h, int32 w, int32 c, int32 oh, int32 ow, int32 kh, int32 kw, "
                "int32 stride, int32 top, int32 left, int32 one", "T col",
                """const long long width = one + kh * kw * c, row64 = i / width;

@@ -403,6 +403,9 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
     xp = array_module(x)
     n, h, w, c = x.shape
     k, one = kh * kw * c, int(ones_column)
+    if backend.is_device_array(x) and n * oh * ow >= 2 ** 31:  # (its rows are counted in 32-bit integers)
+        raise ValueError(f"{n * oh * ow} output pixels in one batch: the GPU's im2col takes fewer than 2^31; "
+                         "use a smaller batch")
     # made filled with ones: the windows overwrite all but the first column, which so stays ones for good
     col = module.work_array(name, (n, oh, ow, one + k), x.dtype, xp, fill=one or None, tag=one)
     if backend.is_device_array(x):

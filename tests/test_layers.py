@@ -159,6 +159,15 @@ def test_gather_reads_zeros_outside_the_image_like_a_padded_copy(xp, f64, stand_
     check_gather(xp)
 
 
+def test_gather_on_a_device_refuses_more_rows_than_its_kernel_counts():
+    from strict_device import use_strict_device  # noqa: PLC0415
+
+    with use_strict_device() as dev:
+        x = dev.zeros((2, 4, 4, 3))
+        with pytest.raises(ValueError, match="smaller batch"):
+            layers.gather(layers.Module(), "col", x, 0, 0, 2 ** 15, 2 ** 15, 3, 3, 1)  # 2^31 rows, before any memory
+
+
 def check_gather(xp):
     cases = [  # (h, w), top, left, (oh, ow), k, stride
         ((6, 7), -1, -1, (3, 4), 3, 2), ((6, 7), -1, -1, (6, 7), 3, 1), ((5, 5), -2, -3, (5, 4), 3, 2),
