@@ -124,11 +124,13 @@ SPECS = {
                          wsub = (0 <= ti && ti < kh && 0 <= tj && tj < kw)
                              ? w[(((long long)ch * cout + o) * kh + ti) * kw + tj] : (T)0"""),
     # y (N, C_out, OH, OW) of a stride-1 convolution = bias + every tap plane z[ti, tj, o] (N, H, W) that reaches it,
-    # z[ti, tj, o][n, p + ti - pad, q + tj - pad], added one tap after the other, as the NumPy path does
+    # z[ti, tj, o][n, p + ti - pad, q + tj - pad], added one tap after the other, as the NumPy path does. (This and
+    # the next count image planes, N kh kw C_out of them, in 32 bits: 2^31 planes of z would take 8 GB per pixel.)
     "tap_planes_sum": ("elementwise", "raw T z, raw T bias, int32 n, int32 h, int32 w, int32 cout, int32 oh, int32 ow, "
                        "int32 kh, int32 kw, int32 pad", "T y",
-                       """const int q = (int)(i % ow), p = (int)(i / ow % oh), o = (int)(i / ((long long)ow * oh) % cout);
-                       const long long img = i / ((long long)ow * oh * cout);
+                       """const long long plane64 = i / (oh * ow);  // (image, channel): the one 64-bit division
+                       const int plane = (int)plane64, pixel = (int)(i - plane64 * (oh * ow));
+                       const int q = pixel % ow, p = pixel / ow, o = plane % cout, img = plane / cout;
                        T total = bias[o];
                        for (int ti = 0; ti < kh; ++ti) {
                          const int r = p + ti - pad;
@@ -143,11 +145,12 @@ SPECS = {
     # output pixel that tap read input pixel (r, s) for; zero where that lies outside dy (from dy's planes (C_out, N, OH, OW))
     "tap_planes_of_dy": ("elementwise", "raw T dy_planes, int32 n, int32 h, int32 w, int32 cout, int32 oh, int32 ow, "
                          "int32 kw, int32 pad", "T dz",
-                         """const int s = (int)(i % w), r = (int)(i / w % h);
-                         const long long rest = i / ((long long)w * h);
-                         const long long img = rest % n, o = rest / n % cout, tap = rest / ((long long)n * cout);
-                         const int p = r - (int)(tap / kw) + pad, q = s - (int)(tap % kw) + pad;
-                         dz = (0 <= p && p < oh && 0 <= q && q < ow) ? dy_planes[((o * n + img) * oh + p) * ow + q] : (T)0"""),
+                         """const long long plane64 = i / (h * w);  // (tap, channel, image): the one 64-bit division
+                         const int plane = (int)plane64, pixel = (int)(i - plane64 * (h * w));
+                         const int s = pixel % w, r = pixel / w, img = plane % n, o = plane / n % cout, tap = plane / (n * cout);
+                         const int p = r - tap / kw + pad, q = s - tap % kw + pad;
+                         dz = (0 <= p && p < oh && 0 <= q && q < ow)
+                             ? dy_planes[(((long long)o * n + img) * oh + p) * ow + q] : (T)0"""),
 }
 OPTIONS = ("--fmad=false",)  # NVRTC's: a * b + c rounded twice, as NumPy does, not once (fused multiply-add)
 
