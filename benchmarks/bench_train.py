@@ -86,6 +86,9 @@ def time_steps(step, warmup, steps, sync=lambda: None, timers=None):
 
 
 PRESETS = {"default": ((32, 64, 128, 256, 512), 128), "small": ((16, 32, 64, 128), 32)}
+# each process also times steps of this many images, after its own batch's: the part of a step that does not
+# grow with the batch (Python, kernel launches, small products), which bounds a GPU step from below
+SMALL_BATCH = 2
 
 
 def scratchvae_worker(device, preset, batch, args):
@@ -108,6 +111,7 @@ def scratchvae_worker(device, preset, batch, args):
     out = {"step_s": times, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb()}
     if device == "gpu":
         out["peak_device_mb"] = xp.get_default_memory_pool().total_bytes() / 2**20
+    out["small_step_s"] = time_steps(lambda: model.train_step(x[:SMALL_BATCH], optimizer), args.warmup, args.steps, sync)
     if timers is not None:
         out["layers"] = {name: [t / args.steps * 1e3 for t in fb] for name, fb in timers.items()}
         out["mean_step_ms"] = sum(times) / len(times) * 1e3  # the same steps the layer times are means of
@@ -172,6 +176,7 @@ def torch_worker(device, preset, batch, args):
            "version": torch.__version__, "threads": torch.get_num_threads()}
     if device == "gpu":
         out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out["small_step_s"] = time_steps(lambda: step(x[:SMALL_BATCH], eps[:SMALL_BATCH]), args.warmup, args.steps, sync)
     if args.layers:
         out["layers"] = torch_layer_times(model, x, eps, sync, args.steps)
     return out
@@ -288,6 +293,7 @@ def merge_rounds(runs):
     merged = dict(runs[0])
     merged["step_s"] = sorted(t for t in in_order if t is not None)
     merged["round_step_s"] = in_order
+    merged["small_step_s"] = sorted(r["small_step_s"][len(r["small_step_s"]) // 2] for r in runs)
     for key in ("peak_rss_mb", "peak_device_mb"):
         if key in merged:
             merged[key] = max(r[key] for r in runs)
@@ -351,6 +357,17 @@ def print_memory(results):
         if "peak_device_mb" in r:
             line += f", device pool {r['peak_device_mb']:.0f} MB"
         print(line)
+
+
+def print_small_steps(results):
+    print(f"\n== A step of {SMALL_BATCH} images (median), against a step of the batch: the cost that does not grow "
+          "with the batch ==")
+    for (fw, preset, batch), r in sorted(results.items()):
+        if r is not None and "small_step_s" in r:
+            small, full = (t[len(t) // 2] * 1e3 for t in (r["small_step_s"], r["step_s"]))
+            print(f"{fw:>14s} {preset:8s} batch {batch:4d}: {small:7.1f} ms of {full:7.1f} ms ({small / full:.0%})")
+    print("  (where a step of a few images takes most of a full one, as on a GPU with small layers, issuing the work "
+          "- Python, kernel launches - bounds the step, not the arithmetic)")
 
 
 def print_layers(ours, theirs, ours_name, theirs_name, step_ms, preset):
@@ -465,6 +482,7 @@ def main(argv=None):
     if pairs:
         print_ratios(results, pairs, args)
     print_memory(results)
+    print_small_steps(results)
 
     stepping = f"scratchvae-{devices[0]}"  # the batch assembly is compared with this framework's step
     step_ms = {b: summarize(results[(stepping, "default", b)], b)[1]
