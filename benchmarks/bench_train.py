@@ -111,10 +111,12 @@ def scratchvae_worker(device, preset, batch, args):
     out = {"step_s": times, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb()}
     if device == "gpu":
         out["peak_device_mb"] = xp.get_default_memory_pool().total_bytes() / 2**20
-    out["small_step_s"] = time_steps(lambda: model.train_step(x[:SMALL_BATCH], optimizer), args.warmup, args.steps, sync)
     if timers is not None:
         out["layers"] = {name: [t / args.steps * 1e3 for t in fb] for name, fb in timers.items()}
         out["mean_step_ms"] = sum(times) / len(times) * 1e3  # the same steps the layer times are means of
+    else:  # (not in a per-layer run, whose layer timers would count these steps too)
+        out["small_step_s"] = time_steps(lambda: model.train_step(x[:SMALL_BATCH], optimizer), args.warmup,
+                                         args.steps, sync)
     return out
 
 
@@ -176,9 +178,11 @@ def torch_worker(device, preset, batch, args):
            "version": torch.__version__, "threads": torch.get_num_threads()}
     if device == "gpu":
         out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    out["small_step_s"] = time_steps(lambda: step(x[:SMALL_BATCH], eps[:SMALL_BATCH]), args.warmup, args.steps, sync)
     if args.layers:
         out["layers"] = torch_layer_times(model, x, eps, sync, args.steps)
+    else:
+        out["small_step_s"] = time_steps(lambda: step(x[:SMALL_BATCH], eps[:SMALL_BATCH]), args.warmup, args.steps,
+                                         sync)
     return out
 
 
