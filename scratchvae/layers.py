@@ -403,16 +403,16 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
     xp = array_module(x)
     n, h, w, c = x.shape
     k, one = kh * kw * c, int(ones_column)
-    if backend.is_device_array(x) and n * oh * ow >= 2 ** 31:  # (its rows are counted in 32-bit integers)
-        raise ValueError(f"{n * oh * ow} output pixels in one batch: the GPU's im2col takes fewer than 2^31; "
-                         "use a smaller batch")
-    # made filled with ones: the windows overwrite all but the first column, which so stays ones for good
-    col = module.work_array(name, (n, oh, ow, one + k), x.dtype, xp, fill=one or None, tag=one)
     if backend.is_device_array(x):
         # on a GPU, where every copy costs a kernel launch, whatever its size: one launch, reading x in place
-        rows = col.reshape(n * oh * ow, one + k)
+        if n * oh * ow >= 2 ** 31:  # (im2col counts its rows in 32-bit integers)
+            raise ValueError(f"{n * oh * ow} output pixels in one batch: the GPU's im2col takes fewer than 2^31; "
+                             "use a smaller batch")
+        rows = module.work_array(name, (n * oh * ow, one + k), x.dtype, xp)
         kernels.kernel(xp, "im2col")(x, h, w, c, oh, ow, kh, kw, stride, top, left, one, rows)
         return rows
+    # made filled with ones: the windows overwrite all but the first column, which so stays ones for good
+    col = module.work_array(name, (n, oh, ow, one + k), x.dtype, xp, fill=one or None, tag=one)
     taps = col[..., one:].reshape(n, oh, ow, kh, kw * c)
     (p0, p1), border_rows = _split(top, stride, kh, h, oh)
     (q0, q1), border_cols = _split(left, stride, kw, w, ow)
@@ -715,12 +715,13 @@ class ConvTranspose2d(Module):
         dcol = gather(self, "dcol", dy, -p, -p, h, w, self.kh, self.kw, self.stride)
         dw = sum_over_rows(dcol, self.x2)  # (kh*kw*out, in)
         self.grads["W"] += dw.reshape(self.kh, self.kw, cout, self.in_channels).transpose(3, 2, 0, 1)
-        if "b" in self.params and backend.is_device_array(dy):  # two launches instead of five
-            sums = kernels.block_sums(xp, "sum_rows", dy.reshape(-1, cout))
-            kernels.kernel(xp, "add_block_sums")(sums.T, len(sums), self.grads["b"])
-        elif "b" in self.params:
-            dy_rows, k = channel_rows(dy)
-            self.grads["b"] += pixel_sums(dy_rows, k).astype(dy.dtype)
+        if "b" in self.params:
+            if backend.is_device_array(dy):  # two launches instead of five
+                sums = kernels.block_sums(xp, "sum_rows", dy.reshape(-1, cout))
+                kernels.kernel(xp, "add_block_sums")(sums.T, len(sums), self.grads["b"])
+            else:
+                dy_rows, k = channel_rows(dy)
+                self.grads["b"] += pixel_sums(dy_rows, k).astype(dy.dtype)
         if not self.input_grad:
             return None
         dx = self.output_array("dx", (n * h * w, self.in_channels), dy.dtype, xp)
