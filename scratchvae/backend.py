@@ -141,6 +141,15 @@ def to_device(a, dtype=None):
     return out if dtype is None else out.astype(dtype, copy=False)
 
 
+def device_free_memory():
+    """Bytes of memory free on the current GPU (CUDA's count plus what CuPy's pool holds unused); None on the CPU."""
+    xp = get_xp()
+    if xp is numpy or not hasattr(xp, "cuda"):
+        return None
+    free, _total = xp.cuda.runtime.memGetInfo()
+    return free + xp.get_default_memory_pool().free_bytes()
+
+
 def to_host(a) -> numpy.ndarray:
     """A NumPy copy of a NumPy or CuPy array (for logging, plotting and saving only)."""
     if is_device_array(a):

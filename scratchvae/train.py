@@ -364,7 +364,7 @@ def train(config: TrainConfig) -> dict:
     NonFiniteLoss (NaN/Inf loss: the last good checkpoint is kept) or Interrupted (Ctrl-C: checkpoint written).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
-    from .data import Batches  # noqa: PLC0415
+    from .data import DEVICE_SHARE, Batches, keep_on_device  # noqa: PLC0415
 
     started = time.perf_counter()
     cfg = config.resolved()
@@ -383,7 +383,13 @@ def train(config: TrainConfig) -> dict:
 
     dataset = load_data(cfg)
     _say(f"data: {dataset.source}")
-    batches = Batches(dataset.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    train_images = keep_on_device(dataset.train.images)  # on a GPU, when it fits: no host work per batch
+    if backend.device_name() == "gpu":
+        size = f"{len(train_images):,} training images ({train_images.nbytes / 2**20:,.1f} MB)"
+        _say(f"data: the {size} are kept on the GPU" if backend.is_device_array(train_images) else
+             f"data: the {size} take more than {DEVICE_SHARE:.0%} of the GPU's free memory: each batch is "
+             "gathered on the host and copied over")
+    batches = Batches(train_images, cfg.batch_size, shuffle=True, seed=cfg.seed)
     per_epoch = len(batches)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.epochs * per_epoch, cfg.max_steps)
     valid = dataset.valid.images if cfg.eval_images is None else dataset.valid.images[: cfg.eval_images]

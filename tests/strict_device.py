@@ -65,6 +65,8 @@ class DeviceArray(numpy.ndarray):
         return _wrap(func(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
 
     def __getitem__(self, key):
+        # an index array from the host: CuPy copies it over at every call, unasked; here that is refused
+        _check(list(key) if isinstance(key, tuple) else [key], "indexing")
         return _wrap(super().__getitem__(key))  # an element is a 0-d device array, as on CuPy, not a NumPy scalar
 
     def __setitem__(self, key, value):

@@ -364,6 +364,48 @@ def test_batches_live_on_the_device():
         assert backend.is_device_array(xs[0] * backend.get_xp().ones(1, np.float32))  # mixes with device arrays
 
 
+def counting_transfers(monkeypatch):
+    """Patch ``backend.to_device`` to note its calls (each a host -> device copy): a list of (dtype, size)."""
+    calls, to_device = [], backend.to_device
+    monkeypatch.setattr(backend, "to_device",
+                        lambda a, dtype=None: calls.append((np.asarray(a).dtype, np.size(a))) or to_device(a, dtype))
+    return calls
+
+
+@pytest.mark.parametrize("shuffle, drop_last", [(True, True), (True, False), (False, False)])
+def test_a_split_kept_on_the_device_gives_the_host_batches_with_one_transfer_an_epoch(monkeypatch, shuffle, drop_last):
+    images = numbered(37)
+    kinds = dict(shuffle=shuffle, seed=3, drop_last=drop_last)
+    host = [np.asarray(x) for x in Batches(images, 8, **kinds).epoch(2, start=1)]
+    with use_strict_device():
+        monkeypatch.setattr(backend, "device_free_memory", lambda: 4 * images.nbytes)
+        kept = data.keep_on_device(images, chunk_bytes=5 * images[0].nbytes)  # copied in 8 chunks of 5 images
+        assert backend.is_device_array(kept) and np.array_equal(np.asarray(kept), images)
+        transfers = counting_transfers(monkeypatch)
+        on_device = list(Batches(kept, 8, **kinds).epoch(2, start=1))
+        assert all(backend.is_device_array(x) for x in on_device)
+        # shuffled: the epoch's indices cross once (those of batches 1.. only); in order: nothing crosses
+        assert transfers == ([(np.dtype(np.int64), sum(len(x) for x in host))] if shuffle else [])
+        transfers.clear()
+        from_host = list(Batches(images, 8, **kinds).epoch(2, start=1))
+        assert transfers == [(np.dtype(np.uint8), x.size) for x in host]  # from the host: every batch, as uint8
+    assert len(on_device) == len(host) == (3 if drop_last else 4)
+    for a, b, c in zip(host, on_device, from_host):
+        np.testing.assert_array_equal(np.asarray(b), a)
+        np.testing.assert_array_equal(np.asarray(c), a)
+
+
+def test_a_split_stays_on_the_host_on_the_cpu_or_when_it_does_not_fit(monkeypatch):
+    images = numbered(10)
+    assert data.keep_on_device(images) is images  # the CPU: nothing to copy
+    with use_strict_device():
+        monkeypatch.setattr(backend, "device_free_memory", lambda: 4 * images.nbytes - 1)
+        assert data.keep_on_device(images) is images  # more than a quarter of the free memory
+        assert backend.is_device_array(data.keep_on_device(images, share=0.5))
+        monkeypatch.setattr(backend, "device_free_memory", lambda: None)
+        assert data.keep_on_device(images) is images
+
+
 # -------------------------------------------------------------------------------------- synthetic faces
 
 

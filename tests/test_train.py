@@ -428,6 +428,25 @@ def test_the_loop_and_the_figures_keep_arrays_on_the_device(tmp_path, monkeypatc
     assert all((tmp_path / "run" / name).is_file() for name in train.FIGURES)
 
 
+def test_a_training_split_kept_on_the_device_trains_exactly_as_one_on_the_host(tmp_path, monkeypatch, capsys):
+    """On a GPU with room for it, the training images go to the device once and batches are gathered there; the
+    run's losses are those of a run whose batches cross from the host at every step (both on the stand-in)."""
+    from strict_device import use_strict_device
+    losses, said = {}, {}
+    with use_strict_device() as strict:
+        monkeypatch.setattr(backend, "set_device", lambda device: strict)
+        for name, free in (("kept", 2**30), ("host", 1000)):
+            monkeypatch.setattr(backend, "device_free_memory", lambda free=free: free)
+            train.train(train.TrainConfig(out=str(tmp_path / name), preset="tiny", image_size=16, limit=32,
+                                          batch_size=8, epochs=2, progress=False))
+            said[name] = capsys.readouterr().out
+            with open(tmp_path / name / "log.csv") as f:
+                losses[name] = [(row["step"], row["loss"], row["kl"]) for row in csv.DictReader(f)]
+    assert "the 32 training images (0.0 MB) are kept on the GPU" in said["kept"]
+    assert "take more than 25% of the GPU's free memory: each batch is gathered on the host" in said["host"]
+    assert len(losses["kept"]) == 8 and losses["kept"] == losses["host"]
+
+
 def test_resuming_a_finished_run_trains_nothing_and_reevaluates_if_needed(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(out, "--epochs", 1) == 0
