@@ -20,6 +20,7 @@ Other processes on the machine disturb the figures, so the load average is print
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -97,6 +98,7 @@ def scratchvae_worker(device, preset, batch, args):
 
     from scratchvae import backend  # noqa: PLC0415
     from scratchvae.optim import Adam  # noqa: PLC0415
+    from scratchvae.train import NOISE_STREAM  # noqa: PLC0415
     from scratchvae.vae import VAE  # noqa: PLC0415
 
     xp = backend.set_device(device)
@@ -107,7 +109,12 @@ def scratchvae_worker(device, preset, batch, args):
     x = backend.to_device(images, numpy.float32) / 255
     sync = xp.cuda.Device().synchronize if device == "gpu" else (lambda: None)
     timers = wrap_layers(model, sync) if args.layers else None
-    times = time_steps(lambda: model.train_step(x, optimizer), args.warmup, args.steps, sync, timers)
+    steps = itertools.count(1)
+
+    def step(images):  # as the training loop runs it: each update's noise from a generator seeded for it
+        return model.train_step(images, optimizer, rng=backend.rng((0, NOISE_STREAM, next(steps))))
+
+    times = time_steps(lambda: step(x), args.warmup, args.steps, sync, timers)
     out = {"step_s": times, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb()}
     if device == "gpu":
         out["peak_device_mb"] = xp.get_default_memory_pool().total_bytes() / 2**20
@@ -115,8 +122,7 @@ def scratchvae_worker(device, preset, batch, args):
         out["layers"] = {name: [t / args.steps * 1e3 for t in fb] for name, fb in timers.items()}
         out["mean_step_ms"] = sum(times) / len(times) * 1e3  # the same steps the layer times are means of
     else:  # (not in a per-layer run, whose layer timers would count these steps too)
-        out["small_step_s"] = time_steps(lambda: model.train_step(x[:SMALL_BATCH], optimizer), args.warmup,
-                                         args.steps, sync)
+        out["small_step_s"] = time_steps(lambda: step(x[:SMALL_BATCH]), args.warmup, args.steps, sync)
     return out
 
 

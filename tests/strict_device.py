@@ -121,7 +121,9 @@ def make_strict_module():
     for name in ("asarray", "array", "ascontiguousarray", "zeros", "ones", "empty", "full", "arange",
                  "linspace", "eye", "zeros_like", "ones_like", "empty_like", "full_like"):
         setattr(mod, name, _constructor(getattr(numpy, name)))
-    mod.random = types.SimpleNamespace(default_rng=_StrictGenerator)
+    # CuPy's Generator around a bit generator; here NumPy's default generator seeded with the same number
+    mod.random = types.SimpleNamespace(default_rng=_StrictGenerator, Generator=_StrictGenerator,
+                                       Philox4x3210=lambda seed: seed)
     mod.ElementwiseKernel, mod.ReductionKernel = standin_kernels.ElementwiseKernel, standin_kernels.ReductionKernel
     return mod
 
