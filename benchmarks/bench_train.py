@@ -86,6 +86,21 @@ def time_steps(step, warmup, steps, sync=lambda: None, timers=None):
     return sorted(times)
 
 
+def issue_times(work, sync, steps):
+    """Sorted (host, total) seconds of ``steps`` runs of ``work`` on a GPU: ``host`` the time the host takes to
+    queue it (the call returns before the GPU is done), ``total`` until the GPU has finished it. Where the two
+    are close, issuing the work (Python, launches) bounds the step, not the GPU."""
+    runs = []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        work()
+        queued = time.perf_counter()
+        sync()
+        runs.append((queued - t, time.perf_counter() - t))
+    return sorted(runs)
+
+
 PRESETS = {"default": ((32, 64, 128, 256, 512), 128), "small": ((16, 32, 64, 128), 32)}
 # each process also times steps of this many images, after its own batch's: the part of a step that does not
 # grow with the batch (Python, kernel launches, small products), which bounds a GPU step from below
@@ -118,6 +133,12 @@ def scratchvae_worker(device, preset, batch, args):
     out = {"step_s": times, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb()}
     if device == "gpu":
         out["peak_device_mb"] = xp.get_default_memory_pool().total_bytes() / 2**20
+        if timers is None:  # forward and backward alone: the step's one wait (for the logged scalars) comes after
+            def forward_backward():
+                model.zero_grad()
+                with model.recycling_outputs():
+                    model.forward_backward(x, rng=backend.rng((0, NOISE_STREAM, next(steps))))
+            out["issue_s"] = issue_times(forward_backward, sync, args.steps)
     if timers is not None:
         out["layers"] = {name: [t / args.steps * 1e3 for t in fb] for name, fb in timers.items()}
         out["mean_step_ms"] = sum(times) / len(times) * 1e3  # the same steps the layer times are means of
@@ -184,6 +205,11 @@ def torch_worker(device, preset, batch, args):
            "version": torch.__version__, "threads": torch.get_num_threads()}
     if device == "gpu":
         out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if not args.layers:
+            def forward_backward():
+                model.zero_grad(set_to_none=False)
+                model.loss(x, eps).backward()
+            out["issue_s"] = issue_times(forward_backward, sync, args.steps)
     if args.layers:
         out["layers"] = torch_layer_times(model, x, eps, sync, args.steps)
     else:
@@ -304,6 +330,7 @@ def merge_rounds(runs):
     merged["step_s"] = sorted(t for t in in_order if t is not None)
     merged["round_step_s"] = in_order
     merged["small_step_s"] = sorted(r["small_step_s"][len(r["small_step_s"]) // 2] for r in runs)
+    merged["issue_s"] = [t for r in runs for t in r.get("issue_s", [])]  # (GPU only) every process's runs
     for key in ("peak_rss_mb", "peak_device_mb"):
         if key in merged:
             merged[key] = max(r[key] for r in runs)
@@ -367,6 +394,20 @@ def print_memory(results):
         if "peak_device_mb" in r:
             line += f", device pool {r['peak_device_mb']:.0f} MB"
         print(line)
+
+
+def print_issue_times(results):
+    rows = [(key, r["issue_s"]) for key, r in sorted(results.items()) if r is not None and r.get("issue_s")]
+    if not rows:
+        return
+    print("\n== On the GPU: forward + backward, the time the host takes to queue it against the time until the GPU "
+          "has done it (median) ==")
+    for (fw, preset, batch), runs in rows:
+        host, total = (statistics.median(t[i] for t in runs) * 1e3 for i in (0, 1))
+        print(f"{fw:>14s} {preset:8s} batch {batch:4d}: queued in {host:6.2f} ms, done after {total:6.2f} ms "
+              f"({host / total:.0%})")
+    print("  (near 100%: the GPU waits for the host, and fewer launches or less Python per launch would pay; well "
+          "below: the GPU's own work bounds the step)")
 
 
 def print_small_steps(results):
@@ -503,6 +544,7 @@ def main(argv=None):
         print_ratios(results, pairs, args)
     print_memory(results)
     print_small_steps(results)
+    print_issue_times(results)
 
     stepping = f"scratchvae-{devices[0]}"  # the batch assembly is compared with this framework's step
     step_ms = {b: summarize(results[(stepping, "default", b)], b)[1]

@@ -7,7 +7,8 @@
 # 2. tests: every test's CuPy copy (`pytest -m gpu`), the gradient checks included, in float64 on the GPU;
 # 3. example: examples/celeba.py on the built-in faces, 300 steps on the GPU, its outputs checked;
 # 4. benchmark: bench_train.py, CuPy against PyTorch CUDA at batch 128 (the target), both presets,
-#    with the per-layer breakdown.
+#    with the per-layer breakdown, the time the host takes to queue a step's work against the GPU's, and the
+#    batch assembly from the host and from a training split kept on the GPU.
 #
 # It uses that machine's own python3 (CuPy for CUDA 13, PyTorch CUDA, pytest, Pillow and Matplotlib are
 # installed there; nothing can be fetched) with this checkout on PYTHONPATH, so nothing is installed.
