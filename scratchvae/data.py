@@ -719,16 +719,20 @@ def keep_on_device(images, share=DEVICE_SHARE, chunk_bytes=256 << 20):
 
     Kept there, a batch is one gather on the GPU (``Batches``): no host work and no transfer per step, where
     a GPU step lasts a few milliseconds. On the CPU, or when they do not fit, the images are returned
-    unchanged (a memory map stays one; batches are then gathered on the host). Copied a chunk at a time, so
-    that the host never holds more than ``chunk_bytes`` of a memory-mapped split in memory for the copy.
+    unchanged (a memory map stays one; batches are then gathered on the host), and so they are if the GPU runs
+    out of memory during the copy. Copied a chunk at a time, so that the host never holds more than
+    ``chunk_bytes`` of a memory-mapped split in memory for the copy.
     """
     free = backend.device_free_memory()
     if backend.is_device_array(images) or free is None or images.nbytes > share * free:
         return images
-    kept = backend.get_xp().empty(images.shape, dtype=images.dtype)
     rows = max(1, chunk_bytes // max(1, images[0].nbytes))
-    for start in range(0, len(images), rows):
-        kept[start:start + rows] = backend.to_device(np.ascontiguousarray(images[start:start + rows]))
+    try:
+        kept = backend.get_xp().empty(images.shape, dtype=images.dtype)
+        for start in range(0, len(images), rows):
+            kept[start:start + rows] = backend.to_device(np.ascontiguousarray(images[start:start + rows]))
+    except MemoryError:  # (CuPy's OutOfMemoryError is one) another process took the memory meanwhile
+        return images
     return kept
 
 

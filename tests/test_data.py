@@ -404,6 +404,12 @@ def test_a_split_stays_on_the_host_on_the_cpu_or_when_it_does_not_fit(monkeypatc
         assert backend.is_device_array(data.keep_on_device(images, share=0.5))
         monkeypatch.setattr(backend, "device_free_memory", lambda: None)
         assert data.keep_on_device(images) is images
+        monkeypatch.setattr(backend, "device_free_memory", lambda: 2**30)
+
+        def out_of_memory(*args):
+            raise MemoryError("out of memory while allocating 4,096 bytes")  # what CuPy's OutOfMemoryError is
+        monkeypatch.setattr(backend, "to_device", out_of_memory)
+        assert data.keep_on_device(images, chunk_bytes=images[0].nbytes) is images  # the host's, not half a copy
 
 
 # -------------------------------------------------------------------------------------- synthetic faces
