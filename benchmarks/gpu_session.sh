@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a session lent a GPU machine runs there, in one call of the device tool (about 8 minutes at most):
+# What a session lent a GPU machine runs there, in one call of the device tool (under 10 minutes: its steps' limits add up to 580 s):
 #
 #     run(command="bash benchmarks/gpu_session.sh", timeout_s=600)
 #
@@ -8,7 +8,9 @@
 # 3. example: examples/celeba.py on the built-in faces, 300 steps on the GPU, its outputs checked;
 # 4. benchmark: bench_train.py, CuPy against PyTorch CUDA at batch 128 (the issue's target), both presets,
 #    with the per-layer breakdown, the time the host takes to queue a step's work against the GPU's, and the
-#    batch assembly from the host and from a training split kept on the GPU.
+#    batch assembly from the host and from a training split kept on the GPU;
+# 5. graph: an experiment, benchmarks/graph_step.py: forward + backward captured as a CUDA graph and replayed,
+#    checked against the package's own numbers and timed against its step.
 #
 # It uses that machine's own python3 (CuPy for CUDA 13, PyTorch CUDA, pytest, Pillow and Matplotlib are
 # installed there; nothing can be fetched) with this checkout on PYTHONPATH, so nothing is installed.
@@ -34,7 +36,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
   return "$rc"
 }
 
-step environment 60 "$py" -c '
+step environment 45 "$py" -c '
 import numpy, cupy
 from scratchvae import backend
 print("numpy", numpy.__version__, "cupy", cupy.__version__, "CUDA runtime", cupy.cuda.runtime.runtimeGetVersion())
@@ -50,16 +52,19 @@ assert backend.gpu_available(), "CuPy cannot run a kernel here: every GPU test w
 
 xdist=()
 "$py" -c "import xdist" 2>/dev/null && xdist=(-n 4)  # the tests are launch-bound: four processes share the GPU
-step tests 200 "$py" -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rs
+step tests 170 "$py" -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rs
 
-if step example 90 "$py" examples/celeba.py --device gpu --max-steps 300 --no-progress --out "$out/run"; then
+if step example 75 "$py" examples/celeba.py --device gpu --max-steps 300 --no-progress --out "$out/run"; then
   for f in vae_mse.png vae_kld.png vae_recons.png samples.png checkpoint.npz summary.json; do
     [ -s "$out/run/$f" ] || { echo "example: $out/run/$f is missing"; failed+=("example-output-$f"); }
   done
   cat "$out/run/summary.json"
 fi
 
-step benchmark 240 "$py" benchmarks/bench_train.py --devices gpu --batches 128 --rounds 2
+step benchmark 230 "$py" benchmarks/bench_train.py --devices gpu --batches 128 --rounds 2
+
+# an experiment, last so that it cannot cost the figures above: the step's forward + backward as a CUDA graph
+step graph 60 "$py" benchmarks/graph_step.py
 
 rm -rf "$out/run"  # the device tool sends back only a few files; the logs above say what the run wrote
 if [ ${#failed[@]} -gt 0 ]; then

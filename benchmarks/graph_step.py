@@ -1,0 +1,158 @@
+"""An experiment for a GPU machine: a training step's forward and backward captured once as a CUDA graph, then
+replayed, against the step as the package runs it. It changes nothing in the package.
+
+    python benchmarks/graph_step.py                      # default model, batch 128
+    python benchmarks/graph_step.py --preset small --batch 64 --steps 30
+
+Why: on a GPU the package's training step issues some 334 kernel launches (``count_ops.py``), and CuPy spends
+microseconds of Python on each; where queueing them takes longer than the GPU needs to run them (the
+benchmark's "queued in ... ms, done after ... ms"), the GPU waits on the host. A CUDA graph is the launches of
+one forward and backward recorded once, with their arguments and memory, and replayed with one call.
+
+What it does: copies the batch and the noise into fixed arrays, records ``forward_backward`` on those arrays
+(on a stream of its own, with a memory pool of its own, so that no memory the graph uses is ever handed to
+anything else), and then, per step, copies the new batch and noise in, replays the graph, reads the logged
+scalars, and runs Adam (whose step count changes each step, so it stays outside). It first checks that a replay
+gives the numbers of the package's own forward and backward on the same batch and noise (loss, every
+gradient, BatchNorm's running statistics), then times both ways.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import numpy
+
+from scratchvae import backend
+from scratchvae.optim import Adam
+from scratchvae.vae import VAE
+
+
+def capture(xp, fn):
+    """Run ``fn`` once on a stream of its own to warm it up (kernels compiled, work arrays made), then once more
+    under stream capture: ``(graph, fn's result from the captured run)``. Memory comes from a private pool."""
+    pool, stream = xp.cuda.MemoryPool(), xp.cuda.Stream(non_blocking=True)
+    xp.cuda.Device().synchronize()  # what the null stream wrote (parameters, inputs) is done before we read it
+    with xp.cuda.using_allocator(pool.malloc), stream:
+        fn()
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            result = fn()
+        finally:
+            graph = stream.end_capture()
+    capture.keep_alive.append((pool, stream))  # the graph's memory is the pool's: it must outlive the graph
+    return graph, result
+
+
+capture.keep_alive = []
+
+
+class GraphStep:
+    """``train_step`` with forward and backward replayed from a CUDA graph (GPU only; fixed batch size)."""
+
+    def __init__(self, model, optimizer, x_shape):
+        self.model, self.optimizer = model, optimizer
+        self.xp = xp = backend.get_xp()
+        dtype = backend.get_default_dtype()
+        # the graph reads these two arrays, whose addresses it keeps: each step copies its batch and noise in
+        self.x = x = xp.zeros(x_shape, dtype=dtype)
+        self.eps = eps = xp.zeros((model.mc_samples, x_shape[0], model.latent_dim), dtype=dtype)
+        model.train()
+
+        def forward_backward():
+            model.zero_grad()
+            with model.recycling_outputs():
+                loss, recon, kl = model.forward_backward(x, eps=eps)
+            return xp.stack([loss, recon.mean(), kl.mean()])
+
+        self.graph, self.scalars = capture(xp, forward_backward)
+
+    def forward_backward(self, x, eps):
+        """The replay: gradients in the model's, the step's (loss, recon, kl) as a device array."""
+        self.x[...] = x
+        self.eps[...] = eps
+        self.graph.launch(stream=self.xp.cuda.Stream.null)  # ordered with everything else on the null stream
+        return self.scalars
+
+    def __call__(self, x, eps):
+        """One update, as ``VAE.train_step`` makes it (a NaN loss leaves parameters and statistics untouched)."""
+        saved = self.model.snapshot_buffers()
+        loss, recon, kl = (float(v) for v in backend.to_host(self.forward_backward(x, eps)))
+        if not all(math.isfinite(v) for v in (loss, recon, kl)):
+            self.model.restore_buffers(saved)
+            raise FloatingPointError(f"non-finite loss {loss}")
+        self.optimizer.step()
+        return {"loss": loss, "recon": recon, "kl": kl}
+
+
+def state(model):
+    """Host copies of the flat gradients and buffers."""
+    flat_p, flat_g, flat_b = model._flat
+    return backend.to_host(flat_g).copy(), backend.to_host(flat_b).copy()
+
+
+def check(model, graph_step, x, eps):
+    """Largest relative differences between a replay and the package's own forward + backward, same inputs."""
+    xp = backend.get_xp()
+    saved = model.snapshot_buffers()
+    model.zero_grad()
+    with model.recycling_outputs():
+        loss, recon, kl = model.forward_backward(x, eps=eps)
+    eager = backend.to_host(xp.stack([loss, recon.mean(), kl.mean()]))
+    eager_g, eager_b = state(model)
+    model.restore_buffers(saved)
+    model._flat[1][...] = math.nan  # poisoned: a replay that does not write every gradient cannot pass
+    graph_step.scalars[...] = math.nan
+    replay = backend.to_host(graph_step.forward_backward(x, eps))
+    replay_g, replay_b = state(model)
+    model.restore_buffers(saved)
+
+    def rel(a, b):
+        d = numpy.abs(a - b).max() / max(numpy.abs(a).max(), 1e-30)
+        return float(d) if numpy.isfinite(d) else math.inf
+    return {"loss, recon, kl": rel(eager, replay), "gradients": rel(eager_g, replay_g),
+            "running statistics": rel(eager_b, replay_b)}
+
+
+def timed(step, steps, sync):
+    times = []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    xp = backend.set_device("gpu")
+    model = VAE(image_size=64, preset=args.preset)
+    optimizer = Adam(model, lr=1e-3)
+    rng = numpy.random.default_rng(0)
+    x = backend.to_device(rng.integers(0, 256, (args.batch, 3, 64, 64), dtype=numpy.uint8), numpy.float32) / 255
+    eps = model.draw_eps(args.batch, backend.rng(1))
+    sync = xp.cuda.Device().synchronize
+    for _ in range(2):  # the package's own step first: kernels compiled, work arrays made
+        model.train_step(x, optimizer, eps=eps)
+    graph_step = GraphStep(model, optimizer, x.shape)
+    differences = check(model, graph_step, x, eps)
+    print(f"{args.preset} model, batch {args.batch}: a replay against the package's forward + backward, largest "
+          "relative difference: " + ", ".join(f"{k} {v:.1e}" for k, v in differences.items()))
+    eager_ms = timed(lambda: model.train_step(x, optimizer, eps=eps), args.steps, sync)
+    graph_ms = timed(lambda: graph_step(x, eps), args.steps, sync)
+    print(f"  training step: {eager_ms:.2f} ms as the package runs it, {graph_ms:.2f} ms with forward + backward "
+          f"replayed from a CUDA graph ({eager_ms / graph_ms:.2f}x)")
+    return 0 if max(differences.values()) < 1e-5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
