@@ -134,10 +134,12 @@ def scratchvae_worker(device, preset, batch, args):
     if device == "gpu":
         out["peak_device_mb"] = xp.get_default_memory_pool().total_bytes() / 2**20
         if timers is None:  # forward and backward alone: the step's one wait (for the logged scalars) comes after
+            eps = model.draw_eps(len(x), backend.rng((0, NOISE_STREAM, 0)))  # fixed noise, as PyTorch's below
+
             def forward_backward():
                 model.zero_grad()
                 with model.recycling_outputs():
-                    model.forward_backward(x, rng=backend.rng((0, NOISE_STREAM, next(steps))))
+                    model.forward_backward(x, eps=eps)
             out["issue_s"] = issue_times(forward_backward, sync, args.steps)
     if timers is not None:
         out["layers"] = {name: [t / args.steps * 1e3 for t in fb] for name, fb in timers.items()}

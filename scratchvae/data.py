@@ -724,14 +724,15 @@ def keep_on_device(images, share=DEVICE_SHARE, chunk_bytes=256 << 20):
     ``chunk_bytes`` of a memory-mapped split in memory for the copy.
     """
     free = backend.device_free_memory()
-    if backend.is_device_array(images) or free is None or images.nbytes > share * free:
+    if backend.is_device_array(images) or free is None or not len(images) or images.nbytes > share * free:
         return images
-    rows = max(1, chunk_bytes // max(1, images[0].nbytes))
+    rows = max(1, chunk_bytes // images[0].nbytes)
     try:
         kept = backend.get_xp().empty(images.shape, dtype=images.dtype)
         for start in range(0, len(images), rows):
             kept[start:start + rows] = backend.to_device(np.ascontiguousarray(images[start:start + rows]))
-    except MemoryError:  # (CuPy's OutOfMemoryError is one) another process took the memory meanwhile
+    except MemoryError as e:  # (CuPy's OutOfMemoryError is one) another process took the memory meanwhile
+        log.warning("the GPU ran out of memory while the images were copied to it (%s): they stay on the host", e)
         return images
     return kept
 

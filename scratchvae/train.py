@@ -387,8 +387,8 @@ def train(config: TrainConfig) -> dict:
     if backend.device_name() == "gpu":
         size = f"{len(train_images):,} training images ({train_images.nbytes / 2**20:,.1f} MB)"
         _say(f"data: the {size} are kept on the GPU" if backend.is_device_array(train_images) else
-             f"data: the {size} take more than {DEVICE_SHARE:.0%} of the GPU's free memory: each batch is "
-             "gathered on the host and copied over")
+             f"data: the {size} stay on the host (more than {DEVICE_SHARE:.0%} of the GPU's free memory, or no "
+             "room for the copy): each batch is gathered there and copied over")
     batches = Batches(train_images, cfg.batch_size, shuffle=True, seed=cfg.seed)
     per_epoch = len(batches)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.epochs * per_epoch, cfg.max_steps)

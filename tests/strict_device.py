@@ -97,8 +97,9 @@ for _name, _method in (("bool", "__bool__"), ("float", "__float__"), ("int", "__
 
 
 class _StrictGenerator:
-    def __init__(self, seed):
+    def __init__(self, seed, bit_generator="XORWOW"):
         self._rng = numpy.random.default_rng(seed)
+        self.bit_generator_name = bit_generator  # which of CuPy's the code asked for (NumPy's draws either way)
 
     def __getattr__(self, name):
         method = getattr(self._rng, name)
@@ -121,9 +122,10 @@ def make_strict_module():
     for name in ("asarray", "array", "ascontiguousarray", "zeros", "ones", "empty", "full", "arange",
                  "linspace", "eye", "zeros_like", "ones_like", "empty_like", "full_like"):
         setattr(mod, name, _constructor(getattr(numpy, name)))
-    # CuPy's Generator around a bit generator; here NumPy's default generator seeded with the same number
-    mod.random = types.SimpleNamespace(default_rng=_StrictGenerator, Generator=_StrictGenerator,
-                                       Philox4x3210=lambda seed: seed)
+    # CuPy's Generator around a bit generator (default_rng: XORWOW); here NumPy's seeded with the same number
+    mod.random = types.SimpleNamespace(default_rng=_StrictGenerator,
+                                       Generator=lambda bits: _StrictGenerator(*bits),
+                                       Philox4x3210=lambda seed: (seed, "Philox4x3210"))
     mod.ElementwiseKernel, mod.ReductionKernel = standin_kernels.ElementwiseKernel, standin_kernels.ReductionKernel
     return mod
 

@@ -395,7 +395,7 @@ def test_a_split_kept_on_the_device_gives_the_host_batches_with_one_transfer_an_
         np.testing.assert_array_equal(np.asarray(c), a)
 
 
-def test_a_split_stays_on_the_host_on_the_cpu_or_when_it_does_not_fit(monkeypatch):
+def test_a_split_stays_on_the_host_on_the_cpu_or_when_it_does_not_fit(monkeypatch, caplog):
     images = numbered(10)
     assert data.keep_on_device(images) is images  # the CPU: nothing to copy
     with use_strict_device():
@@ -405,11 +405,14 @@ def test_a_split_stays_on_the_host_on_the_cpu_or_when_it_does_not_fit(monkeypatc
         monkeypatch.setattr(backend, "device_free_memory", lambda: None)
         assert data.keep_on_device(images) is images
         monkeypatch.setattr(backend, "device_free_memory", lambda: 2**30)
+        empty = images[:0]
+        assert data.keep_on_device(empty) is empty  # an empty split is left for Batches to refuse, clearly
 
         def out_of_memory(*args):
             raise MemoryError("out of memory while allocating 4,096 bytes")  # what CuPy's OutOfMemoryError is
         monkeypatch.setattr(backend, "to_device", out_of_memory)
         assert data.keep_on_device(images, chunk_bytes=images[0].nbytes) is images  # the host's, not half a copy
+    assert "the GPU ran out of memory while the images were copied to it" in caplog.text
 
 
 # -------------------------------------------------------------------------------------- synthetic faces

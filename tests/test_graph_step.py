@@ -41,7 +41,9 @@ def test_a_replay_is_checked_against_the_packages_forward_and_backward(monkeypat
         x = backend.to_device(numpy.random.default_rng(0).random((4, 3, 16, 16)), numpy.float32)
         eps = model.draw_eps(4, backend.rng(1))
         model.train_step(x, optimizer, eps=eps)
+        statistics = backend.to_host(model.snapshot_buffers())
         step = graph_step.GraphStep(model, optimizer, x.shape)
+        numpy.testing.assert_array_equal(backend.to_host(model.snapshot_buffers()), statistics)  # (runs on zeros)
         assert max(graph_step.check(model, step, x, eps).values()) == 0  # same inputs, same numbers
         before = backend.to_host(model._flat[0]).copy()
         logs = step(x, eps)
