@@ -24,14 +24,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
-import time
 
 import numpy
 
-from scratchvae import backend
-from scratchvae.optim import Adam
-from scratchvae.vae import VAE
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import time_steps  # noqa: E402
+
+from scratchvae import backend  # noqa: E402
+from scratchvae.backend import array_module  # noqa: E402
+from scratchvae.optim import Adam  # noqa: E402
+from scratchvae.vae import VAE  # noqa: E402
 
 
 KEEP_ALIVE = []  # what the graphs made here use, for as long as the process lives
@@ -69,14 +73,8 @@ class GraphStep:
         self.eps = eps = xp.zeros((model.mc_samples, x_shape[0], model.latent_dim), dtype=dtype)
         model.train()
 
-        def forward_backward():
-            model.zero_grad()
-            with model.recycling_outputs():
-                loss, recon, kl = model.forward_backward(x, eps=eps)
-            return xp.stack([loss, recon.mean(), kl.mean()])
-
         saved = model.snapshot_buffers()  # the two runs in ``capture`` (on zeros) must not move the statistics
-        self.graph, self.scalars = capture(xp, forward_backward)
+        self.graph, self.scalars = capture(xp, lambda: gradients(model, x, eps))
         model.restore_buffers(saved)
         # every array made before the graph that it writes into or reads, kept alive with it (see above)
         KEEP_ALIVE.append((model._flat, [dict(m._work) for _, m in model.named_modules()]))
@@ -99,6 +97,15 @@ class GraphStep:
         return {"loss": loss, "recon": recon, "kl": kl}
 
 
+def gradients(model, x, eps):
+    """The package's forward and backward as ``train_step`` runs them (gradients zeroed first, layers writing
+    over their previous outputs): the gradients in the model's, ``(loss, recon, kl)`` as one device array."""
+    model.zero_grad()
+    with model.recycling_outputs():
+        loss, recon, kl = model.forward_backward(x, eps=eps)
+    return array_module(loss).stack([loss, recon.mean(), kl.mean()])
+
+
 def state(model):
     """Host copies of each parameter's gradient, and of every buffer, by name."""
     grads = {name: backend.to_host(g).copy() for name, _, g in model.named_parameters()}
@@ -108,12 +115,8 @@ def state(model):
 def check(model, graph_step, x, eps):
     """Largest relative differences between a replay and the package's own forward + backward, same inputs
     (for the gradients and the statistics, the worst array's, each relative to its own largest value)."""
-    xp = backend.get_xp()
     saved = model.snapshot_buffers()
-    model.zero_grad()
-    with model.recycling_outputs():
-        loss, recon, kl = model.forward_backward(x, eps=eps)
-    eager = backend.to_host(xp.stack([loss, recon.mean(), kl.mean()]))
+    eager = backend.to_host(gradients(model, x, eps))
     eager_g, eager_b = state(model)
     model.restore_buffers(saved)
     # poisoned, so that a replay that runs nothing cannot pass (one that runs part of the step leaves numbers
@@ -133,14 +136,9 @@ def check(model, graph_step, x, eps):
 
 
 def timed(step, steps, sync):
-    times = []
-    for _ in range(steps):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2] * 1e3
+    """The median wall time of ``steps`` runs of ``step``, in ms, each waited for (``bench_train.time_steps``)."""
+    times = time_steps(step, 0, steps, sync)
+    return times[len(times) // 2] * 1e3
 
 
 def main(argv=None):
