@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a session lent a GPU machine runs there, in one call of the device tool (under 10 minutes: its steps' limits add up to 580 s):
+# What a session lent a GPU machine runs there, in one call of the device tool (under 10 minutes: its steps' limits add up to 530 s):
 #
 #     run(command="bash benchmarks/gpu_session.sh", timeout_s=600)
 #
@@ -51,8 +51,8 @@ assert backend.gpu_available(), "CuPy cannot run a kernel here: every GPU test w
 '
 
 xdist=()
-"$py" -c "import xdist" 2>/dev/null && xdist=(-n 4)  # the tests are launch-bound: four processes share the GPU
-step tests 170 "$py" -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rs
+"$py" -c "import xdist" 2>/dev/null && xdist=(-n 8)  # the tests are launch-bound (host Python): eight processes share the GPU and 16 cores
+step tests 120 "$py" -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rs
 
 if step example 75 "$py" examples/celeba.py --device gpu --max-steps 300 --no-progress --out "$out/run"; then
   for f in vae_mse.png vae_kld.png vae_recons.png samples.png checkpoint.npz summary.json; do
