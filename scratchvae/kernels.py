@@ -165,7 +165,7 @@ def kernel(xp, name):
         if kind == "elementwise":
             _built[key] = xp.ElementwiseKernel(*spec, name=name, options=OPTIONS)
         else:
-            _built[key] = xp.ReductionKernel(*spec, name=name, reduce_type="float64", options=OPTIONS)
+            _built[key] = xp.ReductionKernel(*spec, name=name, reduce_type="double", options=OPTIONS)  # a C type: CuPy pastes it in
     return _built[key]
 
 

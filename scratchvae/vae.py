@@ -261,7 +261,7 @@ class VAE(Module):
         self.recon = make_reconstruction(recon, recon_variance)
         self.beta, self.mc_samples, self.objective = beta, mc_samples, objective
         self.latent_dim = latent_dim
-        self.rng = backend.rng((seed, 1))
+        self._own_noise_calls = 0  # see own_rng
         rng = backend.rng(seed)
 
         enc, c_prev = [], in_channels
@@ -327,9 +327,17 @@ class VAE(Module):
         d = dout.reshape((-1,) + dout.shape[-3:]).transpose(0, 2, 3, 1)
         return self.decoder.backward(d).reshape(lead + (self.latent_dim,))
 
+    def own_rng(self):
+        """The generator for a call given none: a new one each call, seeded by (seed, 1, call number).
+
+        A counter rather than one stored generator, so that a deep copy of the model draws what the original
+        would draw next, on either device: CuPy's generators cannot be copied."""
+        self._own_noise_calls += 1
+        return backend.rng((self.config["seed"], 1, self._own_noise_calls))
+
     def draw_eps(self, n, rng=None):
         """Standard normal noise ``(m, n, d)`` for the reparameterization (or for prior samples)."""
-        rng = rng or self.rng
+        rng = rng or self.own_rng()
         return rng.standard_normal((self.mc_samples, n, self.latent_dim)).astype(backend.get_default_dtype())
 
     # -- the loss, forward and backward -----------------------------------------------------------------------
@@ -412,7 +420,7 @@ class VAE(Module):
 
     def sample(self, n, rng=None):
         """n images ``(n, C, H, W)`` in [0, 1] decoded from z ~ N(0, I) (eval-mode BatchNorm)."""
-        rng = rng or self.rng
+        rng = rng or self.own_rng()
         z = rng.standard_normal((n, self.latent_dim)).astype(backend.get_default_dtype())
         return self.in_eval(lambda: self.output_to_image(self.decode(z)))
 

@@ -228,7 +228,7 @@ class ReductionKernel(_Kernel):
         loads = "".join(f"      const {C_TYPES[types[t]][0]} {n} = _p_{n}[_j];\n" for (t, n, _), a in zip(self.ins, ins)
                         if isinstance(a, numpy.ndarray))
         out_type, out_name = C_TYPES[types[self.outs[0][0]]][0], self.outs[0][1]
-        red = C_TYPES[types.get(self.reduce_type, self.reduce_type)][0]
+        red = self.reduce_type  # pasted in as it is, as CuPy does: a C type, or a placeholder the prelude typedefs
         source = (self._prelude(types) + f'extern "C" void run(long long _n_out, long long _n_red, {", ".join(decls)}, '
                   f"{out_type}* _p_{out_name}) {{\n  for (long long _o = 0; _o < _n_out; ++_o) {{\n"
                   f"    {red} _s = ({red})({self.identity});\n"

@@ -101,6 +101,9 @@ class _StrictGenerator:
         self._rng = numpy.random.default_rng(seed)
         self.bit_generator_name = bit_generator  # which of CuPy's the code asked for (NumPy's draws either way)
 
+    def __deepcopy__(self, memo):  # CuPy's generators hold a lock, and copying one raises this
+        raise TypeError("cannot pickle '_thread.lock' object")
+
     def __getattr__(self, name):
         method = getattr(self._rng, name)
         return lambda *a, **k: _wrap(numpy.asarray(method(*a, **k)))

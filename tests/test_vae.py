@@ -33,7 +33,7 @@ def host(a):
 def test_reparameterize_gradients(xp, f64, m):
     mu, logvar, eps = randn(4, 5, seed=1), randn(4, 5, seed=2), randn(m, 4, 5, seed=3)
     z = vae.reparameterize(mu, logvar, eps)
-    numpy.testing.assert_allclose(host(z), host(mu + numpy.exp(0.5 * host(logvar)) * eps), rtol=1e-14)
+    numpy.testing.assert_allclose(host(z), host(mu) + numpy.exp(0.5 * host(logvar)) * host(eps), rtol=1e-14)
     report = check_function(lambda mu, lv: vae.reparameterize(mu, lv, eps),
                             lambda dz: vae.reparameterize_backward(dz, logvar, eps),
                             {"mu": mu, "logvar": logvar}, backend.rng(4), tol=TOL)
@@ -296,6 +296,33 @@ def smooth_images(n, size, seed):
     """Blurry colour blobs: low-resolution noise upsampled, so a small model can fit them."""
     low = numpy.random.default_rng(seed).random((n, 3, 4, 4))
     return numpy.kron(low, numpy.ones((size // 4, size // 4))).astype(numpy.float32)
+
+
+def copy_and_draw():
+    """Noise from a model, then from it and from a deep copy of it: (first, next, the copy's next), each as
+    ``draw_eps`` and ``sample`` give it with no generator passed (``VAE.own_rng``)."""
+    import copy  # noqa: PLC0415
+
+    model = VAE(image_size=16, preset="tiny", seed=5)
+    first = host(model.draw_eps(3))
+    clone = copy.deepcopy(model)
+    return first, [(host(m.draw_eps(3)), host(m.sample(2))) for m in (model, clone)]
+
+
+def test_a_deep_copy_draws_the_noise_the_original_draws_next(xp):
+    first, (nxt, clone_nxt) = copy_and_draw()
+    for got, want in zip(clone_nxt, nxt):
+        numpy.testing.assert_array_equal(got, want)
+    assert not numpy.array_equal(first, nxt[0])  # each call draws new noise
+
+
+def test_a_model_on_the_gpu_can_be_deep_copied():
+    """CuPy's generators cannot be copied; the stand-in device's refuse too, so a model that kept one would fail."""
+    from strict_device import use_strict_device  # noqa: PLC0415
+
+    with use_strict_device():
+        first, (nxt, clone_nxt) = copy_and_draw()
+    numpy.testing.assert_array_equal(clone_nxt[0], nxt[0])
 
 
 @pytest.mark.parametrize("kw", [{}, {"recon": "bce", "mc_samples": 2}])
