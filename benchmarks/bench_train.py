@@ -14,7 +14,9 @@ CPU that is the process's peak resident set (``ru_maxrss``), which counts everyt
 libraries, OpenBLAS buffers, every array) -- tracemalloc would miss memory NumPy does not allocate itself.
 On the GPU it is the peak of the framework's device memory pool. Both frameworks get the same number of
 threads (``--threads``, default 2): OPENBLAS/OMP/MKL_NUM_THREADS for NumPy, ``torch.set_num_threads`` for
-PyTorch. Each process warms up, then times ``--steps`` steps one by one; images/s is batch / median step.
+PyTorch. Each process warms up, then times ``--steps`` steps one by one (``--gpu-steps`` on a GPU, after at
+least ``GPU_WARMUP_S`` seconds of warm-up, so that the GPU has left its idle clock); images/s is batch / median
+step.
 Other processes on the machine disturb the figures, so the load average is printed before and after.
 """
 from __future__ import annotations
@@ -38,7 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--presets", nargs="+", default=["default", "small"])
     p.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default: 64 128)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 10, quick 3)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (on a GPU also at least 2 s of them)")
+    p.add_argument("--gpu-steps", type=int, default=50, help="timed steps per configuration on a GPU, whose steps "
+                   "take milliseconds (default 50)")
     p.add_argument("--rounds", type=int, default=None,
                    help="fresh processes per configuration, frameworks alternating (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
@@ -70,11 +74,15 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(step, warmup, steps, sync=lambda: None, timers=None):
-    """Sorted wall times of ``steps`` calls of ``step`` after ``warmup`` untimed ones (timers reset after warm-up)."""
-    for _ in range(warmup):
+def time_steps(step, warmup, steps, sync=lambda: None, timers=None, warmup_s=0.0):
+    """Sorted wall times of ``steps`` calls of ``step`` after untimed ones: at least ``warmup`` of them, and for at
+    least ``warmup_s`` seconds (timers reset after warm-up)."""
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < warmup_s:
         step()
-    sync()
+        sync()
+        done += 1
     for fb in (timers or {}).values():
         fb[:] = [0.0, 0.0]
     times = []
@@ -100,6 +108,11 @@ def issue_times(work, sync, steps):
         runs.append((queued - t, time.perf_counter() - t))
     return sorted(runs)
 
+
+# an idle GPU runs at a fraction of its clock and speeds up only after some time under load: a GPU process warms
+# up for this many seconds (and at least --warmup steps) before it times anything (it showed on an H200: two
+# warm-up steps gave medians half again as long as a long warm-up)
+GPU_WARMUP_S = 2.0
 
 PRESETS = {"default": ((32, 64, 128, 256, 512), 128), "small": ((16, 32, 64, 128), 32)}
 # each process also times steps of this many images, after its own batch's: the part of a step that does not
@@ -129,7 +142,8 @@ def scratchvae_worker(device, preset, batch, args):
     def step(images):  # as the training loop runs it: each update's noise from a generator seeded for it
         return model.train_step(images, optimizer, rng=backend.rng((0, NOISE_STREAM, next(steps))))
 
-    times = time_steps(lambda: step(x), args.warmup, args.steps, sync, timers)
+    warmup_s = GPU_WARMUP_S if device == "gpu" else 0.0
+    times = time_steps(lambda: step(x), args.warmup, args.steps, sync, timers, warmup_s)
     out = {"step_s": times, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb()}
     if device == "gpu":
         out["peak_device_mb"] = xp.get_default_memory_pool().total_bytes() / 2**20
@@ -145,7 +159,8 @@ def scratchvae_worker(device, preset, batch, args):
         out["layers"] = {name: [t / args.steps * 1e3 for t in fb] for name, fb in timers.items()}
         out["mean_step_ms"] = sum(times) / len(times) * 1e3  # the same steps the layer times are means of
     else:  # (not in a per-layer run, whose layer timers would count these steps too)
-        out["small_step_s"] = time_steps(lambda: step(x[:SMALL_BATCH]), args.warmup, args.steps, sync)
+        out["small_step_s"] = time_steps(lambda: step(x[:SMALL_BATCH]), args.warmup, args.steps, sync,
+                                         warmup_s=warmup_s)
     return out
 
 
@@ -202,7 +217,8 @@ def torch_worker(device, preset, batch, args):
     x = (torch.randint(0, 256, (batch, 3, 64, 64), generator=gen, dtype=torch.uint8).float() / 255).to(dev)
     eps = torch.randn(batch, latent, generator=gen).to(dev)
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
-    times = time_steps(lambda: step(x, eps), args.warmup, args.steps, sync)
+    warmup_s = GPU_WARMUP_S if device == "gpu" else 0.0
+    times = time_steps(lambda: step(x, eps), args.warmup, args.steps, sync, warmup_s=warmup_s)
     out = {"step_s": times, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb(),
            "version": torch.__version__, "threads": torch.get_num_threads()}
     if device == "gpu":
@@ -216,7 +232,7 @@ def torch_worker(device, preset, batch, args):
         out["layers"] = torch_layer_times(model, x, eps, sync, args.steps)
     else:
         out["small_step_s"] = time_steps(lambda: step(x[:SMALL_BATCH], eps[:SMALL_BATCH]), args.warmup, args.steps,
-                                         sync)
+                                         sync, warmup_s=warmup_s)
     return out
 
 
@@ -270,7 +286,7 @@ def worker_main(args):
 
 def run_worker(framework, preset, batch, args, layers=False):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, preset, str(batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--steps", str(args.gpu_steps if framework.endswith("-gpu") else args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if layers:
         cmd.append("--layers")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())

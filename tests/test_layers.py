@@ -681,7 +681,7 @@ def test_sequential_joins_only_a_batchnorm_directly_followed_by_a_leaky_relu():
 
 def test_batchnorm_statistics_are_accurate_in_float32(xp):
     """A large float32 batch whose mean is far from zero: mean and variance within 1e-5 of float64 ones."""
-    x64 = 1000.0 + 0.5 * backend.rng(24).standard_normal((64, 32, 32, 4))
+    x64 = 1000.0 + 0.5 * numpy.random.default_rng(24).standard_normal((64, 32, 32, 4))
     bn = layers.BatchNorm2d(4, momentum=1.0)  # the running estimates become the batch's own
     bn.forward(xp.asarray(x64.astype(numpy.float32)))
     mean, var = x64.reshape(-1, 4).mean(axis=0), x64.reshape(-1, 4).var(axis=0, ddof=1)
