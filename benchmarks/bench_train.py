@@ -285,8 +285,9 @@ def worker_main(args):
 # ---- the driver ---------------------------------------------------------------------------------------------
 
 def run_worker(framework, preset, batch, args, layers=False):
+    steps = args.gpu_steps if framework.endswith("-gpu") else args.steps
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, preset, str(batch),
-           "--steps", str(args.gpu_steps if framework.endswith("-gpu") else args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if layers:
         cmd.append("--layers")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())

@@ -165,7 +165,8 @@ def kernel(xp, name):
         if kind == "elementwise":
             _built[key] = xp.ElementwiseKernel(*spec, name=name, options=OPTIONS)
         else:
-            _built[key] = xp.ReductionKernel(*spec, name=name, reduce_type="double", options=OPTIONS)  # a C type: CuPy pastes it in
+            # reduce_type is pasted into the CUDA source as it is: a C type, not NumPy's name for it
+            _built[key] = xp.ReductionKernel(*spec, name=name, reduce_type="double", options=OPTIONS)
     return _built[key]
 
 

@@ -299,8 +299,8 @@ def smooth_images(n, size, seed):
 
 
 def copy_and_draw():
-    """Noise from a model, then from it and from a deep copy of it: (first, next, the copy's next), each as
-    ``draw_eps`` and ``sample`` give it with no generator passed (``VAE.own_rng``)."""
+    """Noise a model draws with no generator passed (``VAE.own_rng``): its first ``draw_eps``, then, after a
+    deep copy of it, ``[(draw_eps, sample) of the model, (draw_eps, sample) of the copy]``."""
     import copy  # noqa: PLC0415
 
     model = VAE(image_size=16, preset="tiny", seed=5)
