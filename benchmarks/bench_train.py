@@ -15,7 +15,7 @@ libraries, OpenBLAS buffers, every array) -- tracemalloc would miss memory NumPy
 On the GPU it is the peak of the framework's device memory pool. Both frameworks get the same number of
 threads (``--threads``, default 2): OPENBLAS/OMP/MKL_NUM_THREADS for NumPy, ``torch.set_num_threads`` for
 PyTorch. Each process warms up, then times ``--steps`` steps one by one (``--gpu-steps`` on a GPU, after at
-least ``GPU_WARMUP_S`` seconds of warm-up, so that the GPU has left its idle clock); images/s is batch / median
+least ``GPU_WARMUP_S`` seconds of warm-up); images/s is batch / median
 step.
 Other processes on the machine disturb the figures, so the load average is printed before and after.
 """
@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default: 64 128)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 10, quick 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (on a GPU also at least 2 s of them)")
-    p.add_argument("--gpu-steps", type=int, default=50, help="timed steps per configuration on a GPU, whose steps "
-                   "take milliseconds (default 50)")
+    p.add_argument("--gpu-steps", type=int, default=None, help="timed steps per configuration on a GPU, whose "
+                   "steps take milliseconds (default 50, quick 10)")
     p.add_argument("--rounds", type=int, default=None,
                    help="fresh processes per configuration, frameworks alternating (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
@@ -56,6 +56,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.batches = args.batches or ([64] if args.quick else [64, 128])
     args.steps = args.steps or (3 if args.quick else 10)
+    args.gpu_steps = args.gpu_steps or (10 if args.quick else 50)
     args.rounds = args.rounds or (1 if args.quick else 3)
     return args
 
@@ -109,9 +110,11 @@ def issue_times(work, sync, steps):
     return sorted(runs)
 
 
-# an idle GPU runs at a fraction of its clock and speeds up only after some time under load: a GPU process warms
-# up for this many seconds (and at least --warmup steps) before it times anything (it showed on an H200: two
-# warm-up steps gave medians half again as long as a long warm-up)
+# a GPU process warms up for this many seconds (and at least --warmup steps) before it times anything: a
+# precaution, since an idle GPU runs at a fraction of its clock until it has been busy a while, and CuPy and
+# PyTorch finish setting up in the first steps. (A first H200 run with 2 warm-up steps and 10 timed gave medians
+# of 16-17 ms for a step that later runs gave at 9-11; that step was bound by the host, queued = done, so the
+# host's own state, right after 8 test processes, was the likelier cause.)
 GPU_WARMUP_S = 2.0
 
 PRESETS = {"default": ((32, 64, 128, 256, 512), 128), "small": ((16, 32, 64, 128), 32)}

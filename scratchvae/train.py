@@ -34,7 +34,8 @@ from .optim import Adam
 from .vae import PRESETS, RECONSTRUCTIONS, VAE, NonFiniteLossError
 
 # Random streams, each a fixed second element of the seed tuple so none can overlap another
-# (the VAE itself uses ``seed`` for its initial weights and ``(seed, 1)`` for its own generator).
+# (the VAE itself uses ``seed`` for its initial weights and ``(seed, 1, call number)`` for the
+# generators of calls given none, ``VAE.own_rng``).
 NOISE_STREAM = 2    # the reparameterization noise of update s: rng((seed, NOISE_STREAM, s))
 EVAL_STREAM = 3     # held-out evaluation, batch i: rng((seed, EVAL_STREAM, i)); the same at every evaluation
 SAMPLE_STREAM = 4   # the prior samples drawn for the figures

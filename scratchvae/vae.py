@@ -344,7 +344,7 @@ class VAE(Module):
     def forward_backward(self, x, eps=None, rng=None):
         """Loss of a batch and its gradient, accumulated into ``grads``; returns ``(loss, recon (N,), kl (N,))``.
 
-        ``eps`` ``(m, N, d)`` is the noise (drawn from ``rng`` or the model's generator when not given):
+        ``eps`` ``(m, N, d)`` is the noise (drawn from ``rng``, or from ``own_rng`` when neither is given):
         it is the same array in the forward and the backward pass.
         """
         if eps is None:
