@@ -14,7 +14,9 @@ import pstats
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+from bench_train import time_steps  # noqa: E402
 
 
 def per_call_us(fn, calls=2000):
@@ -38,8 +40,6 @@ def micro(cp):
     def expression(x, y):  # (fuse names its kernel after the function: a lambda's name is no C identifier)
         return x * y + x - y
     fused = cp.fuse(expression)
-    from scratchvae import backend  # noqa: PLC0415
-    backend.set_device("gpu")
     tests = {
         "ElementwiseKernel(x, y, out)": lambda: add(v, v, v),
         "ufunc a + b (new output)": lambda: a + b,
@@ -83,9 +83,9 @@ def main():
     from scratchvae.train import NOISE_STREAM  # noqa: PLC0415
     from scratchvae.vae import VAE  # noqa: PLC0415
 
+    xp = backend.set_device("gpu")
     print("== CuPy's host cost per call")
     micro(cp)
-    xp = backend.set_device("gpu")
     model = VAE(image_size=64, preset=args.preset)
     optimizer = Adam(model, lr=1e-3)
     images = numpy.random.default_rng(0).integers(0, 256, (args.batch, 3, 64, 64), dtype=numpy.uint8)
@@ -95,15 +95,9 @@ def main():
     def step():
         step_no[0] += 1
         model.train_step(x, optimizer, rng=backend.rng((0, NOISE_STREAM, step_no[0])))
-    for _ in range(5):
-        step()
-    xp.cuda.Device().synchronize()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    xp.cuda.Device().synchronize()
-    print(f"\n== {args.preset}, batch {args.batch}: {(time.perf_counter() - t) / args.steps * 1e3:.2f} ms per step "
-          f"(no profiler)")
+    times = time_steps(step, 5, args.steps, xp.cuda.Device().synchronize)
+    print(f"\n== {args.preset}, batch {args.batch}: {sum(times) / len(times) * 1e3:.2f} ms per step, the mean of "
+          f"{args.steps} (no profiler)")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.steps):
@@ -115,7 +109,7 @@ def main():
         st = pstats.Stats(prof, stream=s)
         st.sort_stats(key).print_stats(count)
         print(f"\n== cProfile over {args.steps} steps, by {key}")
-        print(s.getvalue().split("\n", 6)[-1] if key == "tottime" else s.getvalue())
+        print(s.getvalue())
     out = os.environ.get("OUT")
     if out:
         prof.dump_stats(os.path.join(out, "step.prof"))
