@@ -1,4 +1,4 @@
-r"""Fused kernels for the GPU path: BatchNorm with its activation in 10 CUDA launches a layer instead of 64,
+r"""Fused kernels for the GPU path: BatchNorm with its activation in 6 CUDA launches a layer instead of 64,
 Adam's update in one instead of 13, and each of the convolutions' gathers, weight rearrangements and shifted
 sums in one instead of up to 19.
 
@@ -6,20 +6,19 @@ On a GPU every array operation is at least one kernel launch, and CuPy spends mi
 time on each, whatever the array's size; for this VAE's small layers that can outweigh the arithmetic
 (``benchmarks/count_ops.py`` counts the launches). BatchNorm's formulas (``layers.BatchNorm2d``) written as NumPy
 operations are some thirty launches each way, most of them on vectors of C numbers; here each stage is one
-user-defined kernel whose body is the formula for one element, in CUDA C (six launches forward, four backward).
+user-defined kernel whose body is the formula for one element, in CUDA C (three launches each way).
 Each sum over pixels is taken in blocks of rows first (``block_sums``), so that the GPU has thousands of sums to
-share out rather than C; the kernel that uses a sum adds up its blocks' sums itself, except for the mean, which
-``bn_centre`` needs at every pixel and ``per_channel`` adds up beforehand:
+share out rather than C, and the kernel that uses a sum adds up its blocks' sums itself; two sums over the same
+rows come from one launch (``pair``):
 
 =========================  ==========================================================================
 ``sum_rows``               per-channel sums :math:`\sum_p x_{pc}` (float64)
-``sum_products``           per-channel sums :math:`\sum_p x_{pc} w_{pc}` (float64)
-``bn_centre``              :math:`x - \mu`, with :math:`\mu` = the sum over the pixels / m
-``bn_batch_stats``         :math:`1/\sigma`, :math:`\gamma/\sigma`, and the running averages' update, from the
-                           blocks' sums of squares
+``sum_powers``             per-channel :math:`\sum_p x_{pc}` and :math:`\sum_p x_{pc}^2` (float64)
+``bn_batch_stats``         :math:`\mu`, :math:`1/\sigma`, :math:`\gamma/\sigma`, and the running averages' update,
+                           from the blocks' sums: :math:`\sigma^2 = \overline{x^2} - \mu^2`
 ``bn_apply``               :math:`y = \mathrm{act}(\gamma/\sigma \cdot (x - \mu) + \beta)`, act = LeakyReLU
-``sum_grads``              :math:`\sum_p g_{pc}`, with g = dL/dy times act's derivative
-``sum_grads_products``     :math:`\sum_p g_{pc} (x - \mu)_{pc}`
+``sum_grads_pair``         :math:`\sum_p g_{pc}` and :math:`\sum_p g_{pc} (x - \mu)_{pc}`, with g = dL/dy times
+                           act's derivative
 ``bn_grad_stats``          dL/dgamma, dL/dbeta and the per-channel factors of dL/dx, from the blocks' sums
 ``bn_backward``            :math:`dx = \gamma/\sigma \cdot (g - \bar g - \hat x \, \overline{g \hat x})`
 ``add_block_sums``         a gradient += the per-channel total of blocks' sums (a transposed conv's bias)
@@ -30,6 +29,11 @@ share out rather than C; the kernel that uses a sum adds up its blocks' sums its
 ``tap_planes_of_dy``       the shifted copies of dy that its backward multiplies (``layers.Conv2d``)
 =========================  ==========================================================================
 
+The variance comes from the sums of x and of x squared, in one pass, where the NumPy path sums the squares of
+x - mean in a second pass (float32 sums need the centring; see ``layers.BatchNorm2d``). Summed in float64, the one
+pass's variance is off by a relative :math:`10^{-16} \mu^2 / \sigma^2` or so, and both paths compute x - mean in the arrays'
+dtype, each time it is needed, the same way, so BatchNorm keeps no centred copy of x on the GPU.
+
 The last four move numbers, or add them in the NumPy path's order: they give the NumPy path's arrays exactly,
 each element read from where the NumPy path's strided copies take it, by index arithmetic (a ``raw`` input is
 read at a computed index).
@@ -38,7 +42,7 @@ The activation is LeakyReLU with ``slope`` (ReLU: 0); slope 1 makes it the ident
 The NumPy path computes the same numbers with ufuncs, piece by piece in cache; each body repeats its order
 of operations and roundings (float64 for sums and per-channel statistics, the arrays' dtype ``T`` for the
 rest), compiled with ``--fmad=false`` so that no multiply and add are merged into one rounding: the two
-paths differ only by the order in which the sums over pixels add up. The tests run these kernels on their
+paths differ only by the order in which the sums over pixels add up, and by the variance's one pass. The tests run these kernels on their
 stand-in device, compiling the same C with the host's C++ compiler (``tests/standin_kernels.py``), and
 compare them with the NumPy path.
 """
@@ -51,25 +55,31 @@ _ACT = "(v > 0 ? v : v * slope)"
 _GRAD = "(y > 0 ? dy : dy * slope)"
 
 SPECS = {
-    # (a reduction's a and b are the values being folded, so no input takes those names)
+    # (a reduction's a and b are the values being folded, so no input takes those names; ``which`` is ``pair``'s
+    # 0 or 1, so that one launch gives two sums side by side)
     "sum_rows": ("reduction", "T x", "float64 s", "x", "a + b", "s = a", "0"),
-    "sum_products": ("reduction", "T x, T w", "float64 s", "(double)x * w", "a + b", "s = a", "0"),
-    "sum_grads": ("reduction", "T dy, T y, T slope", "float64 s", "(T)" + _GRAD, "a + b", "s = a", "0"),
-    "sum_grads_products": ("reduction", "T dy, T y, T slope, T xc", "float64 s", f"(double)(T){_GRAD} * xc",
-                           "a + b", "s = a", "0"),
-    "bn_centre": ("elementwise", "T x, float64 total, float64 m", "T xc", "xc = x - (T)(total / m)"),
-    # (the blocks' sums come as ``block_sums(...).T``, (C, blocks): channel i's are [i * blocks, (i + 1) * blocks))
+    "sum_powers": ("reduction", "T x, int32 which", "float64 s", "which == 0 ? (double)x : (double)x * x", "a + b",
+                   "s = a", "0"),
+    "sum_grads_pair": ("reduction", "T dy, T y, T slope, T x, T mean, int32 which", "float64 s",
+                       f"which == 0 ? (double)(T){_GRAD} : (double)(T){_GRAD} * (T)(x - mean)", "a + b", "s = a", "0"),
+    # (the blocks' sums come as ``block_sums(...)[:, j].T``, (C, blocks): channel i's are [i * blocks, (i + 1) * blocks))
     "bn_batch_stats": (
-        "elementwise", "float64 total, raw float64 square_blocks, int32 blocks, T gamma, float64 m, float64 eps, "
-        "float64 momentum, float64 unbias", "T scale, T inv_std, T running_mean, T running_var",
-        """double squares = 0;
-        for (int b = 0; b < blocks; ++b) squares += square_blocks[(long long)i * blocks + b];
-        const double mean = total / m, var = squares / m;
-        running_mean += (T)(momentum * (mean - running_mean));
+        "elementwise", "raw float64 total_blocks, raw float64 square_blocks, int32 blocks, T gamma, float64 m, "
+        "float64 eps, float64 momentum, float64 unbias", "T mean, T scale, T inv_std, T running_mean, T running_var",
+        """double total = 0, squares = 0;
+        for (int b = 0; b < blocks; ++b) {
+          total += total_blocks[(long long)i * blocks + b];
+          squares += square_blocks[(long long)i * blocks + b];
+        }
+        const double mu = total / m, mean_square = squares / m - mu * mu;
+        const double var = mean_square > 0 ? mean_square : 0;  // (rounding could leave a constant channel below 0)
+        running_mean += (T)(momentum * (mu - running_mean));
         running_var += (T)(momentum * (var * unbias - running_var));
+        mean = (T)mu;
         inv_std = (T)(1.0 / sqrt(var + eps));
         scale = gamma * inv_std"""),
-    "bn_apply": ("elementwise", "T xc, T scale, T beta, T slope", "T y", f"const T v = xc * scale + beta; y = {_ACT}"),
+    "bn_apply": ("elementwise", "T x, T mean, T scale, T beta, T slope", "T y",
+                 f"const T xc = x - mean; const T v = xc * scale + beta; y = {_ACT}"),
     "bn_grad_stats": (
         "elementwise", "raw float64 g_blocks, raw float64 g_xc_blocks, int32 blocks, T gamma, T inv_std, float64 m, "
         "int32 batch_stats", "T dgamma, T dbeta, T scale, T mean_g, T xc_scale",
@@ -88,8 +98,8 @@ SPECS = {
                        """double s = 0;
                        for (int b = 0; b < blocks; ++b) s += sums[(long long)i * blocks + b];
                        total += (T)s"""),
-    "bn_backward": ("elementwise", "T dy, T y, T slope, T xc, T mean_g, T xc_scale, T scale", "T dx",
-                    f"const T g = {_GRAD}; dx = ((g - mean_g) + xc * xc_scale) * scale"),
+    "bn_backward": ("elementwise", "T dy, T y, T slope, T x, T mean, T mean_g, T xc_scale, T scale", "T dx",
+                    f"const T g = {_GRAD}; const T xc = x - mean; dx = ((g - mean_g) + xc * xc_scale) * scale"),
     "adam": ("elementwise", "T g, float64 beta1, float64 beta2, float64 step_size, float64 bias2, float64 eps, "
              "float64 weight_decay", "T p, T m, T v",
              """const T grad = weight_decay != 0 ? g + p * (T)weight_decay : g;
@@ -111,14 +121,13 @@ SPECS = {
                  const int r = top + stride * p + ti, s = left + stride * q + tj;
                  col = (0 <= r && r < h && 0 <= s && s < w) ? x[(((long long)n * h + r) * w + s) * c + ch] : (T)0;
                }"""),
-    # wsub (row phase a, window row t, window column u, C_in, column phase b, C_out) holds W[c, o, ti, tj] for the
+    # wsub (window row t, window column u, C_in, row phase a, column phase b, C_out) holds W[c, o, ti, tj] for the
     # kernel row ti = a + pad - s d that phase a applies at shift d = d0 + t (``layers.subpixel_taps``), and the
     # same along columns; zero where that row or column lies outside the kernel
     "subpixel_weights": ("elementwise", "raw T w, int32 cin, int32 cout, int32 kh, int32 kw, int32 th, int32 tw, "
                          "int32 stride, int32 pad, int32 d0, int32 e0", "T wsub",
-                         """const int o = (int)(i % cout), b = (int)(i / cout % stride);
-                         const long long tuc = i / ((long long)cout * stride) % ((long long)th * tw * cin);
-                         const int a = (int)(i / ((long long)cout * stride * th * tw * cin));
+                         """const int o = (int)(i % cout), b = (int)(i / cout % stride), a = (int)(i / ((long long)cout * stride) % stride);
+                         const long long tuc = i / ((long long)cout * stride * stride);
                          const int ch = (int)(tuc % cin), u = (int)(tuc / cin % tw), t = (int)(tuc / ((long long)cin * tw));
                          const int ti = a + pad - stride * (d0 + t), tj = b + pad - stride * (e0 + u);
                          wsub = (0 <= ti && ti < kh && 0 <= tj && tj < kw)
@@ -170,15 +179,21 @@ def kernel(xp, name):
     return _built[key]
 
 
+def pair(xp):
+    """The int32 array ``[0, 1]`` shaped ``(1, 2, 1)``: passed to a reduction that takes ``which``, it broadcasts each
+    block of rows to both values, so that the reduction gives two sums per channel in one launch."""
+    key = (xp.ElementwiseKernel, "pair")
+    if key not in _built:
+        _built[key] = xp.arange(2, dtype=xp.int32).reshape(1, 2, 1)
+    return _built[key]
+
+
 def block_sums(xp, name, rows, *args):
-    """Per-channel float64 sums of the reduction ``name`` over ``rows`` ``(P, C)`` (and more such arrays, or scalars,
-    in ``args``), one for each block of up to 1024 rows, each block's in its own thread: ``(blocks, C)``."""
+    """Per-channel float64 sums of the reduction ``name`` over ``rows`` ``(P, C)``, one for each block of up to 1024
+    rows, each block's in its own thread: ``(blocks, k, C)``, k = 2 when ``args`` hold ``pair(xp)``, else 1.
+    ``args`` are arrays read row by row like ``rows`` (of its shape), per-channel vectors ``(C,)``, scalars, or ``pair``."""
     p, c = rows.shape
     block = math.gcd(p, 1024)
-    blocked = [a.reshape(p // block, block, c) if hasattr(a, "reshape") else a for a in (rows,) + args]
+    blocked = [a.reshape(p // block, block, 1, c) if getattr(a, "shape", None) == rows.shape else a
+               for a in (rows,) + args]
     return kernel(xp, name)(*blocked, axis=1)
-
-
-def per_channel(xp, name, rows, *args):
-    """Per-channel float64 sums ``(C,)`` of the reduction ``name`` over ``rows``: the ``block_sums`` added up."""
-    return block_sums(xp, name, rows, *args).sum(axis=0)

@@ -463,7 +463,9 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     rearranged as ``(rows*T*C_in, s*C_out)`` (a column block per column phase, zero where that phase lacks
     a tap; the bias rides on a column of ones); then interleave the phase images. For 3x3 kernels at
     stride 2, T = 2 and the products do 4/3 of the minimum arithmetic, in well-shaped matrix products and
-    with no scatter-add. ``module`` lends its work arrays (and ``name``\ s its output array).
+    with no scatter-add. On a GPU, where launches cost more than arithmetic, one product takes every window
+    row for all the phases at once (twice the minimum arithmetic), and one copy interleaves them.
+    ``module`` lends its work arrays (and ``name``\ s its output array).
     """
     xp = array_module(x)
     n, _, _, cin = x.shape
@@ -476,30 +478,37 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     mh, mw = -(-oh // s), -(-ow // s)  # output pixels per phase (rounded up; the excess is cropped below)
     col = gather(module, "subpixel_col", x, d0, e0, mh, mw, th, tw, 1, bias is not None)
 
-    # for each row phase a, a matrix of rows (ones, window row t, window column u, c_in) x columns
-    # (column phase b, c_out): wsub[a] (contiguous, so a matrix product reads it in place)
-    wsub = xp.empty((s, one + th * tw * cin, s, cout), dtype=w.dtype)
+    # rows (ones, window row t, window column u, c_in) x columns (row phase a, column phase b, c_out): the weights
+    # phase (a, b) applies to each number of a window, zero where that phase lacks a tap
+    wsub = xp.empty((one + th * tw * cin, s, s, cout), dtype=w.dtype)
     row_phases = [phase_taps(taps_h, a, s, d0) for a in range(s)]
     col_phases = [phase_taps(taps_w, b, s, e0) for b in range(s)]
     if backend.is_device_array(w):  # on a GPU: one launch instead of s*s + 1 (``kernels``' subpixel_weights)
-        kernels.kernel(xp, "subpixel_weights")(w, cin, cout, kh, kw, th, tw, s, padding, d0, e0, wsub[:, one:])
+        kernels.kernel(xp, "subpixel_weights")(w, cin, cout, kh, kw, th, tw, s, padding, d0, e0, wsub[one:])
     else:
-        wsub[:, one:] = 0
-        taps = wsub[:, one:].reshape(s, th, tw, cin, s, cout)
+        wsub[one:] = 0
+        taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
         for a, rows in enumerate(row_phases):
             for b, cols in enumerate(col_phases):  # all the taps of phase (a, b) in one copy
                 if rows and cols:
-                    taps[a, rows[0], cols[0], :, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
+                    taps[rows[0], cols[0], :, a, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
     if bias is not None:
-        wsub[:, 0] = bias  # every phase of every pixel
+        wsub[0] = bias  # every phase of every pixel
 
     shape = (n, mh, s, mw, s, cout)
     y = module.output_array(name, shape, col.dtype, xp)
+    if backend.is_device_array(col):
+        # on a GPU, where each product and copy is a launch: every phase in one product (the zero rows included),
+        # then one copy that interleaves them
+        phases = module.work_array(name + " phases", (len(col), s * s * cout), col.dtype, xp)
+        xp.matmul(col, wsub.reshape(len(wsub), s * s * cout), out=phases)
+        y[...] = phases.reshape(n, mh, mw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
+        return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
     phase = module.work_array(name + " phase", (len(col), s * cout), col.dtype, xp)
     for a, rows in enumerate(row_phases):
         # row phase a needs the window rows up to its last tap only: a leading block of col's columns
         used = one + (rows[0].stop if rows else 0) * tw * cin
-        xp.matmul(col[:, :used], wsub[a, :used].reshape(used, s * cout), out=phase)
+        xp.matmul(col[:, :used], wsub[:used, a].reshape(used, s * cout), out=phase)
         y[:, :, a] = phase.reshape(n, mh, mw, s, cout)  # output pixels (s m + a, s m' + b): one copy
     return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
 
@@ -718,7 +727,7 @@ class ConvTranspose2d(Module):
         if "b" in self.params:
             if backend.is_device_array(dy):  # two launches instead of five
                 sums = kernels.block_sums(xp, "sum_rows", dy.reshape(-1, cout))
-                kernels.kernel(xp, "add_block_sums")(sums.T, len(sums), self.grads["b"])
+                kernels.kernel(xp, "add_block_sums")(sums[:, 0].T, len(sums), self.grads["b"])
             else:
                 dy_rows, k = channel_rows(dy)
                 self.grads["b"] += pixel_sums(dy_rows, k).astype(dy.dtype)
@@ -804,8 +813,9 @@ class BatchNorm2d(Module):
     way (``Sequential`` does this for every BatchNorm2d followed by a LeakyReLU): the same numbers as the two
     layers one after the other, with two passes over memory fewer in each direction.
 
-    On a GPU (device arrays) it instead runs fused kernels of ``kernels``, five forward and four backward (the
-    same formulas, per element in CUDA C), since there every array operation costs a kernel launch.
+    On a GPU (device arrays) it instead runs fused kernels of ``kernels``, three each way (the same formulas, per
+    element in CUDA C, the variance from sums of x and x^2 in float64), since there every array operation costs a
+    kernel launch.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=None):
@@ -900,38 +910,35 @@ class BatchNorm2d(Module):
         rows = xp.ascontiguousarray(x).reshape(-1, c)
         m = len(rows)
         gamma, rm, rv = self.params["gamma"], self.buffers["running_mean"], self.buffers["running_var"]
-        xc = self.work_array("xc", rows.shape, dtype, xp)
         if self.training:
-            total = kernels.per_channel(xp, "sum_rows", rows)
-            kernels.kernel(xp, "bn_centre")(rows, total, float(m), xc)
-            scale, inv_std = xp.empty(c, dtype=dtype), xp.empty(c, dtype=dtype)
-            squares = kernels.block_sums(xp, "sum_products", xc, xc)
-            kernels.kernel(xp, "bn_batch_stats")(total, squares.T, len(squares), gamma, float(m), self.eps,
-                                                 self.momentum, m / max(m - 1, 1), scale, inv_std, rm, rv)
+            mean, scale, inv_std = (xp.empty(c, dtype=dtype) for _ in range(3))
+            sums = kernels.block_sums(xp, "sum_powers", rows, kernels.pair(xp))  # of x and of x^2, per block
+            kernels.kernel(xp, "bn_batch_stats")(sums[:, 0].T, sums[:, 1].T, len(sums), gamma, float(m), self.eps,
+                                                 self.momentum, m / max(m - 1, 1), mean, scale, inv_std, rm, rv)
         else:
-            xp.subtract(rows, rm, out=xc)
+            mean = rm
             inv_std = (1.0 / xp.sqrt(rv + self.eps)).astype(dtype)
             scale = gamma * inv_std
         y = self.output_array("y", x.shape, dtype, xp)
         slope = 1.0 if activation is None else activation.slope
-        kernels.kernel(xp, "bn_apply")(xc, scale, self.params["beta"], slope, y.reshape(rows.shape))
-        self.m, self.xc, self.inv_std, self.activation, self.y = m, xc, inv_std, activation, y
+        kernels.kernel(xp, "bn_apply")(rows, mean, scale, self.params["beta"], slope, y.reshape(rows.shape))
+        # x itself, not x - mean: backward recomputes the difference where it needs it
+        self.m, self.rows, self.mean, self.inv_std, self.activation, self.y = m, rows, mean, inv_std, activation, y
         return y
 
     def _backward_fused(self, dy):
         xp, dtype = array_module(dy), dy.dtype
-        dy_rows = xp.ascontiguousarray(dy).reshape(self.xc.shape)
-        y_rows = self.y.reshape(self.xc.shape)
+        dy_rows = xp.ascontiguousarray(dy).reshape(self.rows.shape)
+        y_rows = self.y.reshape(self.rows.shape)
         slope = 1.0 if self.activation is None else self.activation.slope  # (slope 1: g = dy, whatever y is)
         c = len(self.inv_std)
         scale, mean_g, xc_scale = (xp.empty(c, dtype=dtype) for _ in range(3))
-        sum_g = kernels.block_sums(xp, "sum_grads", dy_rows, y_rows, slope)
-        sum_g_xc = kernels.block_sums(xp, "sum_grads_products", dy_rows, y_rows, slope, self.xc)
-        kernels.kernel(xp, "bn_grad_stats")(sum_g.T, sum_g_xc.T, len(sum_g), self.params["gamma"], self.inv_std,
+        sums = kernels.block_sums(xp, "sum_grads_pair", dy_rows, y_rows, slope, self.rows, self.mean, kernels.pair(xp))
+        kernels.kernel(xp, "bn_grad_stats")(sums[:, 0].T, sums[:, 1].T, len(sums), self.params["gamma"], self.inv_std,
                                             float(self.m), int(self.training),
                                             self.grads["gamma"], self.grads["beta"], scale, mean_g, xc_scale)
         dx = self.output_array("dx", dy.shape, dtype, xp)
-        kernels.kernel(xp, "bn_backward")(dy_rows, y_rows, slope, self.xc, mean_g, xc_scale, scale,
+        kernels.kernel(xp, "bn_backward")(dy_rows, y_rows, slope, self.rows, self.mean, mean_g, xc_scale, scale,
                                           dx.reshape(dy_rows.shape))
         return dx
 

@@ -90,7 +90,8 @@ class SquaredError:
     def nll(self, x, out):
         """Summed squared error per sample and image, ``(m, N)``."""
         diff = (out - x).reshape(out.shape[0] * out.shape[1], -1)
-        return array_module(diff).einsum("ij,ij->i", diff, diff).reshape(out.shape[:2])
+        # squared in place, then summed: two CuPy launches, where its einsum costs a quarter of a millisecond of Python
+        return array_module(diff).square(diff, out=diff).sum(axis=1).reshape(out.shape[:2])
 
     def nll_backward(self, dnll, x, out):
         """d/d out of sum(dnll * nll): 2 (f(z) - x) dnll."""
