@@ -13,6 +13,7 @@ it imports and sees a GPU, NumPy otherwise), or explicitly with ``set_device``.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy
@@ -95,6 +96,24 @@ def array_module(*arrays):
                 return cupy
             return get_xp()
     return numpy
+
+
+def fused(formula):
+    """``formula`` (a function of arrays made of elementwise operations) run as one kernel on CuPy arrays
+    (``cupy.fuse``, compiled on first use), and as it is written on NumPy arrays.
+
+    On a GPU each operation is a kernel launch that costs the host some 10-20 us, whatever the array's size: a
+    formula of six operations on a (128, 32) array takes about 110 us to issue, fused about 17."""
+    compiled = []
+
+    @functools.wraps(formula)
+    def run(*arrays):
+        if any(type(a).__module__.split(".")[0] == "cupy" for a in arrays):
+            if not compiled:
+                compiled.append(_import_cupy().fuse(formula))
+            return compiled[0](*arrays)
+        return formula(*arrays)
+    return run
 
 
 def as_strided(a, shape, strides):

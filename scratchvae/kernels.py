@@ -62,14 +62,15 @@ SPECS = {
                    "s = a", "0"),
     "sum_grads_pair": ("reduction", "T dy, T y, T slope, T x, T mean, int32 which", "float64 s",
                        f"which == 0 ? (double)(T){_GRAD} : (double)(T){_GRAD} * (T)(x - mean)", "a + b", "s = a", "0"),
-    # (the blocks' sums come as ``block_sums(...)[:, j].T``, (C, blocks): channel i's are [i * blocks, (i + 1) * blocks))
+    # (the blocks' sums come as ``block_sums``'s (blocks, 2, C): channel i's first sum of block b at (2 b) C + i, its
+    # second at (2 b + 1) C + i)
     "bn_batch_stats": (
-        "elementwise", "raw float64 total_blocks, raw float64 square_blocks, int32 blocks, T gamma, float64 m, "
-        "float64 eps, float64 momentum, float64 unbias", "T mean, T scale, T inv_std, T running_mean, T running_var",
+        "elementwise", "raw float64 sums, int32 blocks, int32 c, T gamma, float64 m, float64 eps, float64 momentum, "
+        "float64 unbias", "T mean, T scale, T inv_std, T running_mean, T running_var",
         """double total = 0, squares = 0;
         for (int b = 0; b < blocks; ++b) {
-          total += total_blocks[(long long)i * blocks + b];
-          squares += square_blocks[(long long)i * blocks + b];
+          total += sums[(2LL * b) * c + i];
+          squares += sums[(2LL * b + 1) * c + i];
         }
         const double mu = total / m, mean_square = squares / m - mu * mu;
         const double var = mean_square > 0 ? mean_square : 0;  // (rounding could leave a constant channel below 0)
@@ -81,12 +82,12 @@ SPECS = {
     "bn_apply": ("elementwise", "T x, T mean, T scale, T beta, T slope", "T y",
                  f"const T xc = x - mean; const T v = xc * scale + beta; y = {_ACT}"),
     "bn_grad_stats": (
-        "elementwise", "raw float64 g_blocks, raw float64 g_xc_blocks, int32 blocks, T gamma, T inv_std, float64 m, "
-        "int32 batch_stats", "T dgamma, T dbeta, T scale, T mean_g, T xc_scale",
+        "elementwise", "raw float64 sums, int32 blocks, int32 c, T gamma, T inv_std, float64 m, int32 batch_stats",
+        "T dgamma, T dbeta, T scale, T mean_g, T xc_scale",
         """double sum_g = 0, sum_g_xc = 0;
         for (int b = 0; b < blocks; ++b) {
-          sum_g += g_blocks[(long long)i * blocks + b];
-          sum_g_xc += g_xc_blocks[(long long)i * blocks + b];
+          sum_g += sums[(2LL * b) * c + i];
+          sum_g_xc += sums[(2LL * b + 1) * c + i];
         }
         const double sum_g_xhat = sum_g_xc * inv_std;
         dgamma += (T)sum_g_xhat;
@@ -94,9 +95,9 @@ SPECS = {
         scale = gamma * inv_std;
         mean_g = batch_stats ? (T)(sum_g / m) : (T)0;
         xc_scale = batch_stats ? (T)(-sum_g_xhat * inv_std / m) : (T)0"""),
-    "add_block_sums": ("elementwise", "raw float64 sums, int32 blocks", "T total",
+    "add_block_sums": ("elementwise", "raw float64 sums, int32 blocks, int32 c", "T total",
                        """double s = 0;
-                       for (int b = 0; b < blocks; ++b) s += sums[(long long)i * blocks + b];
+                       for (int b = 0; b < blocks; ++b) s += sums[(long long)b * c + i];
                        total += (T)s"""),
     "bn_backward": ("elementwise", "T dy, T y, T slope, T x, T mean, T mean_g, T xc_scale, T scale", "T dx",
                     f"const T g = {_GRAD}; const T xc = x - mean; dx = ((g - mean_g) + xc * xc_scale) * scale"),

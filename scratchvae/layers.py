@@ -557,9 +557,11 @@ class Conv2d(Module):
 
     def _wmat(self):
         # the bias row, then (out, in, kh, kw) -> (kh*kw*in, out): rows ordered like the columns of im2col
-        wmat = self.params["W"].transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
-        if "b" in self.params:
-            wmat = array_module(wmat).concatenate([self.params["b"][None, :], wmat])
+        w, one = self.params["W"], int("b" in self.params)
+        wmat = self.work_array("wmat", (one + w[0].size, self.out_channels), w.dtype, array_module(w))
+        if one:
+            wmat[0] = self.params["b"]
+        wmat[one:].reshape(self.kh, self.kw, self.in_channels, self.out_channels)[...] = w.transpose(2, 3, 1, 0)
         return wmat
 
     def forward(self, x):
@@ -727,7 +729,7 @@ class ConvTranspose2d(Module):
         if "b" in self.params:
             if backend.is_device_array(dy):  # two launches instead of five
                 sums = kernels.block_sums(xp, "sum_rows", dy.reshape(-1, cout))
-                kernels.kernel(xp, "add_block_sums")(sums[:, 0].T, len(sums), self.grads["b"])
+                kernels.kernel(xp, "add_block_sums")(sums, len(sums), cout, self.grads["b"])
             else:
                 dy_rows, k = channel_rows(dy)
                 self.grads["b"] += pixel_sums(dy_rows, k).astype(dy.dtype)
@@ -911,10 +913,10 @@ class BatchNorm2d(Module):
         m = len(rows)
         gamma, rm, rv = self.params["gamma"], self.buffers["running_mean"], self.buffers["running_var"]
         if self.training:
-            mean, scale, inv_std = (xp.empty(c, dtype=dtype) for _ in range(3))
+            mean, scale, inv_std = self.work_array("stats", (3, c), dtype, xp)
             sums = kernels.block_sums(xp, "sum_powers", rows, kernels.pair(xp))  # of x and of x^2, per block
-            kernels.kernel(xp, "bn_batch_stats")(sums[:, 0].T, sums[:, 1].T, len(sums), gamma, float(m), self.eps,
-                                                 self.momentum, m / max(m - 1, 1), mean, scale, inv_std, rm, rv)
+            kernels.kernel(xp, "bn_batch_stats")(sums, len(sums), c, gamma, float(m), self.eps, self.momentum,
+                                                 m / max(m - 1, 1), mean, scale, inv_std, rm, rv)
         else:
             mean = rm
             inv_std = (1.0 / xp.sqrt(rv + self.eps)).astype(dtype)
@@ -932,9 +934,9 @@ class BatchNorm2d(Module):
         y_rows = self.y.reshape(self.rows.shape)
         slope = 1.0 if self.activation is None else self.activation.slope  # (slope 1: g = dy, whatever y is)
         c = len(self.inv_std)
-        scale, mean_g, xc_scale = (xp.empty(c, dtype=dtype) for _ in range(3))
+        scale, mean_g, xc_scale = self.work_array("grad stats", (3, c), dtype, xp)
         sums = kernels.block_sums(xp, "sum_grads_pair", dy_rows, y_rows, slope, self.rows, self.mean, kernels.pair(xp))
-        kernels.kernel(xp, "bn_grad_stats")(sums[:, 0].T, sums[:, 1].T, len(sums), self.params["gamma"], self.inv_std,
+        kernels.kernel(xp, "bn_grad_stats")(sums, len(sums), c, self.params["gamma"], self.inv_std,
                                             float(self.m), int(self.training),
                                             self.grads["gamma"], self.grads["beta"], scale, mean_g, xc_scale)
         dx = self.output_array("dx", dy.shape, dtype, xp)
