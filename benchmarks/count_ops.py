@@ -8,7 +8,7 @@ time on each; for the small layers of this VAE that can outweigh the GPU's arith
 GPU: the step runs on the tests' stand-in device (``tests/strict_device.py``: NumPy arrays that take the
 code's device branches, as CuPy arrays do), and every ufunc call, NumPy function, assignment into an array,
 filled constructor (zeros, ones, full), ``ascontiguousarray``, ``astype`` or ``reshape`` that copies, ``copy``,
-and call of a user-defined kernel (``scratchvae.kernels``) is counted once, attributed to the innermost layer
+and call of a user-defined kernel (``scratchvae.kernels``) or of a fused formula (``backend.fused``) is counted once, attributed to the innermost layer
 running, and so is each operand (or output) of a matrix product that CuPy copies first because it is neither
 C- nor F-contiguous. It is a lower bound on launches: CuPy runs some operations (einsum, a matrix product's
 setup) as several kernels, and allocations are not counted.
@@ -28,7 +28,7 @@ import numpy  # noqa: E402
 import standin_kernels  # noqa: E402
 import strict_device  # noqa: E402
 
-from scratchvae import layers  # noqa: E402
+from scratchvae import layers, vae  # noqa: E402
 from scratchvae.optim import Adam  # noqa: E402
 from scratchvae.vae import VAE  # noqa: E402
 
@@ -110,6 +110,18 @@ def install(counter):
         mod.ascontiguousarray = counted(mod.ascontiguousarray, lambda a, *args, **kwargs: not a.flags.c_contiguous)
         return mod
     strict_device.make_strict_module = make_counting_module
+    # a formula that runs as one fused kernel on CuPy (``backend.fused``; the stand-in runs it operation by
+    # operation): one launch
+    for name, fn in list(vars(vae).items()):
+        if hasattr(fn, "formula"):
+            def fused_call(*arrays, fn=fn):
+                counter.note()
+                active, counter.active = counter.active, False
+                try:
+                    return fn(*arrays)
+                finally:
+                    counter.active = active
+            setattr(vae, name, fused_call)
 
 
 def count(preset, batch, counter, steps=1):

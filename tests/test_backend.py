@@ -35,3 +35,25 @@ def test_seeds_fold_into_distinct_63_bit_integers():
     folded = [backend.seed_to_int(s) for s in seeds]
     assert all(0 <= f < 2**63 for f in folded) and len(set(folded)) == len(seeds)
     assert folded == [backend.seed_to_int(s) for s in seeds]
+
+
+def test_a_fused_formula_gives_the_formulas_numbers(xp):
+    """``backend.fused`` runs a formula as written on NumPy (and the stand-in), and as one ``cupy.fuse`` kernel on
+    CuPy arrays: there, the VAE's fused formulas (broadcasting included) agree with the same operations one by
+    one to float32 rounding, and to float64 rounding in float64."""
+    from scratchvae import vae  # noqa: PLC0415
+
+    rng = numpy.random.default_rng(40)
+    for dtype, rtol in ((numpy.float32, 1e-6), (numpy.float64, 1e-14)):
+        mu, logvar = (xp.asarray(rng.standard_normal((5, 3)).astype(dtype)) for _ in range(2))
+        eps = xp.asarray(rng.standard_normal((2, 5, 3)).astype(dtype))
+        for fn, args in ((vae.kl_per_dimension, (mu, logvar)), (vae.reparameterize, (mu, logvar, eps))):
+            got = fn(*args)
+            assert backend.array_module(got) is xp and got.dtype == dtype
+            want = fn.formula(*args)  # the operations one by one
+            numpy.testing.assert_allclose(backend.to_host(got), backend.to_host(want), rtol=rtol, atol=rtol)
+            if xp is numpy:
+                numpy.testing.assert_array_equal(got, want)
+    with use_strict_device() as dev:  # the stand-in runs the formula itself, operation by operation
+        a = dev.asarray(numpy.ones(3))
+        assert backend.is_device_array(vae.kl_per_dimension(a, a))
