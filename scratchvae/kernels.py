@@ -30,9 +30,10 @@ rows come from one launch (``pair``):
 =========================  ==========================================================================
 
 The variance comes from the sums of x and of x squared, in one pass, where the NumPy path sums the squares of
-x - mean in a second pass (float32 sums need the centring; see ``layers.BatchNorm2d``). Summed in float64, the one
-pass's variance is off by a relative :math:`10^{-16} \mu^2 / \sigma^2` or so, and both paths compute x - mean in the arrays'
-dtype, each time it is needed, the same way, so BatchNorm keeps no centred copy of x on the GPU.
+x - mean in a second pass (float32 sums need the centring; see ``layers.BatchNorm2d``). Summed in float64, the
+one pass's variance is off by a relative :math:`10^{-16} \mu^2 / \sigma^2` or so, and both paths compute
+x - mean in the arrays' dtype, each time it is needed, the same way, so BatchNorm keeps no centred copy of x on
+the GPU.
 
 The last four move numbers, or add them in the NumPy path's order: they give the NumPy path's arrays exactly,
 each element read from where the NumPy path's strided copies take it, by index arithmetic (a ``raw`` input is
@@ -42,9 +43,9 @@ The activation is LeakyReLU with ``slope`` (ReLU: 0); slope 1 makes it the ident
 The NumPy path computes the same numbers with ufuncs, piece by piece in cache; each body repeats its order
 of operations and roundings (float64 for sums and per-channel statistics, the arrays' dtype ``T`` for the
 rest), compiled with ``--fmad=false`` so that no multiply and add are merged into one rounding: the two
-paths differ only by the order in which the sums over pixels add up, and by the variance's one pass. The tests run these kernels on their
-stand-in device, compiling the same C with the host's C++ compiler (``tests/standin_kernels.py``), and
-compare them with the NumPy path.
+paths differ only by the order in which the sums over pixels add up, and by the variance's one pass. The
+tests run these kernels on their stand-in device, compiling the same C with the host's C++ compiler
+(``tests/standin_kernels.py``), and compare them with the NumPy path.
 """
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ SPECS = {
     # same along columns; zero where that row or column lies outside the kernel
     "subpixel_weights": ("elementwise", "raw T w, int32 cin, int32 cout, int32 kh, int32 kw, int32 th, int32 tw, "
                          "int32 stride, int32 pad, int32 d0, int32 e0", "T wsub",
-                         """const int o = (int)(i % cout), b = (int)(i / cout % stride), a = (int)(i / ((long long)cout * stride) % stride);
+                         """const int o = (int)(i % cout), b = (int)(i / cout % stride);
+                         const int a = (int)(i / ((long long)cout * stride) % stride);
                          const long long tuc = i / ((long long)cout * stride * stride);
                          const int ch = (int)(tuc % cin), u = (int)(tuc / cin % tw), t = (int)(tuc / ((long long)cin * tw));
                          const int ti = a + pad - stride * (d0 + t), tj = b + pad - stride * (e0 + u);
@@ -192,7 +194,8 @@ def pair(xp):
 def block_sums(xp, name, rows, *args):
     """Per-channel float64 sums of the reduction ``name`` over ``rows`` ``(P, C)``, one for each block of up to 1024
     rows, each block's in its own thread: ``(blocks, k, C)``, k = 2 when ``args`` hold ``pair(xp)``, else 1.
-    ``args`` are arrays read row by row like ``rows`` (of its shape), per-channel vectors ``(C,)``, scalars, or ``pair``."""
+    ``args`` are arrays read row by row like ``rows`` (of its shape), per-channel vectors ``(C,)``, scalars, or
+    ``pair``."""
     p, c = rows.shape
     block = math.gcd(p, 1024)
     blocked = [a.reshape(p // block, block, 1, c) if getattr(a, "shape", None) == rows.shape else a
