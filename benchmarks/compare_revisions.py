@@ -9,7 +9,16 @@ versions run in the same process, on the same batch, their steps interleaved (A 
 meet the same disturbances. It prints the median step of each, the median of the per-pair ratios with
 its quartiles, and a per-layer forward/backward table with the difference. The revision's ``scratchvae``
 package is exported with ``git archive`` into a temporary directory and imported under another name
-(the package uses relative imports only). NumPy only: run it where no GPU is used.
+(the package uses relative imports only). Both versions train on the same batch with the same fixed noise.
+
+On a GPU (``--device gpu``) each step ends with a synchronisation, the two versions warm up in turn for
+``bench_train.GPU_WARMUP_S`` seconds first, and no per-layer table is made (a synchronisation around every layer
+would time its launches, not the step). A lent GPU machine gets a copy of the working tree without git, so
+export the revision here first and carry it there (``.revisions/`` is ignored by git)::
+
+    python benchmarks/compare_revisions.py 37d70f0 --export             # here: writes .revisions/37d70f0/
+    run(command="python3 benchmarks/compare_revisions.py 37d70f0 --exported --device gpu --preset small "
+                "--batch 128 --steps 80", carry=[".revisions"])           # there
 
 A change that alters state the whole process shares (the BLAS's thread count, say) also changes the
 other version's speed when both run in one process. ``--processes N`` then runs each version in fresh
@@ -18,6 +27,7 @@ processes instead, N of each, alternating, and compares each process with the on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import json
@@ -31,6 +41,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+REVISIONS = os.path.join(ROOT, ".revisions")  # --export's output (ignored by git; the device tool can carry it)
+LATENT = {"default": 128, "small": 32}  # the presets' latent sizes, for the fixed noise
 
 
 def export_revision(rev, directory):
@@ -43,8 +55,24 @@ def export_revision(rev, directory):
     return "scratchvae_rev"
 
 
-def build(package, preset, batch):
-    """A model of ``package`` on the CPU, its Adam, and the (per-layer timed) step on a fixed batch."""
+@contextlib.contextmanager
+def revision_package(rev, exported):
+    """``(import name, folder to put on sys.path)`` of ``rev``'s package: exported now into a temporary folder, or
+    (``exported``) the one ``--export`` wrote earlier."""
+    if exported:
+        path = os.path.join(REVISIONS, rev)
+        if not os.path.isdir(os.path.join(path, "scratchvae_rev")):
+            raise SystemExit(f"no exported revision in {path}: run this script with {rev} --export where git is "
+                             "(and carry .revisions/ to this machine)")
+        yield "scratchvae_rev", path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield export_revision(rev, tmp), tmp
+
+
+def build(package, preset, batch, device="cpu"):
+    """A model of ``package`` on ``device``, its Adam, and its training step on a fixed batch with fixed noise
+    (synchronised on a GPU), with per-layer timers on the CPU (None on a GPU)."""
     import numpy  # noqa: PLC0415
 
     from bench_train import wrap_layers  # noqa: PLC0415
@@ -52,21 +80,27 @@ def build(package, preset, batch):
     backend = importlib.import_module(package + ".backend")
     vae = importlib.import_module(package + ".vae")
     optim = importlib.import_module(package + ".optim")
-    backend.set_device("cpu")
+    xp = backend.set_device(device)
     model = vae.VAE(image_size=64, preset=preset)
     optimizer = optim.Adam(model, lr=1e-3)
-    images = numpy.random.default_rng(0).integers(0, 256, (batch, 3, 64, 64), dtype=numpy.uint8)
-    x = images.astype(numpy.float32) / 255
-    timers = wrap_layers(model, lambda: None)
-    return (lambda: model.train_step(x, optimizer)), timers
+    rng = numpy.random.default_rng(0)
+    x = xp.asarray(rng.integers(0, 256, (batch, 3, 64, 64), dtype=numpy.uint8).astype(numpy.float32) / 255)
+    eps = xp.asarray(rng.standard_normal((1, batch, LATENT[preset])).astype(numpy.float32))
+    sync = xp.cuda.Device().synchronize if device == "gpu" else (lambda: None)
+    timers = wrap_layers(model, sync) if device == "cpu" else None
+
+    def step():
+        model.train_step(x, optimizer, eps=eps)
+        sync()
+    return step, timers
 
 
-def step_times(package, preset, batch, steps):
-    """Milliseconds of ``steps`` training steps of ``package``'s model, after two warm-up steps."""
-    from bench_train import time_steps  # noqa: PLC0415
+def step_times(package, preset, batch, steps, device="cpu"):
+    """Milliseconds of ``steps`` training steps of ``package``'s model, after warm-up steps."""
+    from bench_train import GPU_WARMUP_S, time_steps  # noqa: PLC0415
 
-    step, _ = build(package, preset, batch)
-    return [t * 1e3 for t in time_steps(step, 2, steps)]
+    step, _ = build(package, preset, batch, device)
+    return [t * 1e3 for t in time_steps(step, 2, steps, warmup_s=GPU_WARMUP_S if device == "gpu" else 0.0)]
 
 
 def in_processes(args, package, tmp):
@@ -77,14 +111,14 @@ def in_processes(args, package, tmp):
         for name in names:
             pkg, path = (package, tmp) if name == args.rev else ("scratchvae", ROOT)
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", pkg, path, args.preset, str(args.batch),
-                   str(args.steps)]
+                   str(args.steps), args.device]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy()).stdout
             medians[name].append(statistics.median(json.loads(out.splitlines()[-1])))
             print(f"  {name}: median step {medians[name][-1]:.1f} ms", flush=True)
     old, new = medians[args.rev], medians["working tree"]
     ratios = sorted(a / b for a, b in zip(old, new))
     print(f"{args.preset} preset, batch {args.batch}, {args.processes} processes of each version, "
-          f"{args.steps} steps each, {args.threads} threads")
+          f"{args.steps} steps each, on the {args.device}")
     print(f"  {args.rev}: median process {statistics.median(old):.1f} ms per step")
     print(f"  working tree: median process {statistics.median(new):.1f} ms per step")
     print(f"  {args.rev} time / working-tree time, process by process: median {statistics.median(ratios):.3f} "
@@ -93,9 +127,9 @@ def in_processes(args, package, tmp):
 
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        package, path, preset, batch, steps = sys.argv[2:7]
+        package, path, preset, batch, steps, device = sys.argv[2:8]
         sys.path[:0] = [HERE, path]
-        print(json.dumps(step_times(package, preset, int(batch), int(steps))))
+        print(json.dumps(step_times(package, preset, int(batch), int(steps), device)))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("rev", help="git revision to compare the working tree with (e.g. HEAD, HEAD~1, main)")
@@ -105,21 +139,39 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--processes", type=int, default=0,
                    help="run each version in N fresh processes instead of both in this one (see above)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--export", action="store_true",
+                   help="only write the revision's package into .revisions/REV, for a machine without git")
+    p.add_argument("--exported", action="store_true", help="compare with the package --export wrote")
     args = p.parse_args(argv)
+    if args.export:
+        target = os.path.join(REVISIONS, args.rev)
+        if os.path.exists(target):
+            raise SystemExit(f"{target} exists already; remove it to export {args.rev} again")
+        os.makedirs(target)
+        export_revision(args.rev, target)
+        print(f"wrote {target}/scratchvae_rev: carry .revisions to the machine that runs the comparison")
+        return
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
 
     if args.processes:
-        with tempfile.TemporaryDirectory() as tmp:
-            return in_processes(args, export_revision(args.rev, tmp), tmp)
-    with tempfile.TemporaryDirectory() as tmp:
-        sys.path[:0] = [HERE, ROOT, tmp]  # bench_train's layer timers; this tree's package; the revision's
-        versions = {args.rev: build(export_revision(args.rev, tmp), args.preset, args.batch),
-                    "working tree": build("scratchvae", args.preset, args.batch)}
-        for step, timers in versions.values():
-            for _ in range(2):  # warm-up: work arrays allocated, caches filled
+        with revision_package(args.rev, args.exported) as (package, path):
+            return in_processes(args, package, path)
+    from bench_train import GPU_WARMUP_S  # noqa: PLC0415
+
+    with revision_package(args.rev, args.exported) as (package, path):
+        sys.path[:0] = [HERE, ROOT, path]  # bench_train's layer timers; this tree's package; the revision's
+        versions = {args.rev: build(package, args.preset, args.batch, args.device),
+                    "working tree": build("scratchvae", args.preset, args.batch, args.device)}
+        start = time.perf_counter()
+        for i in range(1_000_000):  # warm-up: work arrays allocated, caches filled (a GPU busy for a while)
+            if i >= 2 and (args.device == "cpu" or time.perf_counter() - start > GPU_WARMUP_S):
+                break
+            for step, _ in versions.values():
                 step()
-            for fb in timers.values():
+        for _, timers in versions.values():
+            for fb in (timers or {}).values():
                 fb[:] = [0.0, 0.0]
         times = {name: [] for name in versions}
         order = list(versions)
@@ -132,11 +184,14 @@ def main(argv=None):
     old, new = times[args.rev], times["working tree"]
     ratios = [a / b for a, b in zip(old, new)]
     q1, _, q3 = statistics.quantiles(ratios, n=4)
-    print(f"{args.preset} preset, batch {args.batch}, {args.steps} interleaved steps each, {args.threads} threads")
+    print(f"{args.preset} preset, batch {args.batch}, {args.steps} interleaved steps each, on the {args.device}"
+          + (f", {args.threads} threads" if args.device == "cpu" else ""))
     print(f"  {args.rev}: median step {statistics.median(old):.1f} ms")
     print(f"  working tree: median step {statistics.median(new):.1f} ms")
     print(f"  {args.rev} time / working-tree time, per pair of steps: median {statistics.median(ratios):.3f} "
           f"(quartiles {q1:.3f} - {q3:.3f}; above 1 means the working tree is faster)")
+    if versions[args.rev][1] is None:
+        return
     print(f"\n{'layer':40s} {args.rev + ' f / b':>17s} {'tree f / b':>17s}  {'difference':>10s}  (ms per step)")
     old_t, new_t = versions[args.rev][1], versions["working tree"][1]
     for name in old_t:
