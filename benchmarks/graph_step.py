@@ -4,7 +4,7 @@ replayed, against the step as the package runs it. It changes nothing in the pac
     python benchmarks/graph_step.py                      # default model, batch 128
     python benchmarks/graph_step.py --preset small --batch 64 --steps 30
 
-Why: on a GPU the package's training step issues some 334 kernel launches (``count_ops.py``), and CuPy spends
+Why: on a GPU the package's training step issues some 260 kernel launches (``count_ops.py``), and CuPy spends
 microseconds of Python on each; where queueing them takes longer than the GPU needs to run them (the
 benchmark's "queued in ... ms, done after ... ms"), the GPU waits on the host. A CUDA graph is the launches of
 one forward and backward recorded once, with their arguments and memory, and replayed with one call.
