@@ -63,7 +63,9 @@ if step example 75 "$py" examples/celeba.py --device gpu --max-steps 300 --no-pr
   cat "$out/run/summary.json"
 fi
 
-step benchmark 230 "$py" benchmarks/bench_train.py --devices gpu --batches 128 --rounds 2
+# three processes per framework, so that the median is not the one slow process a run sometimes has (one of 4-6
+# scratchvae processes ran every step 1.6x slower in each of the H200 runs; with two, the median was that one)
+step benchmark 230 "$py" benchmarks/bench_train.py --devices gpu --batches 128 --rounds 3
 
 # an experiment, last so that it cannot cost the figures above: the step's forward + backward as a CUDA graph
 step graph 60 "$py" benchmarks/graph_step.py
