@@ -12,7 +12,8 @@
 # 5. graph: an experiment, benchmarks/graph_step.py: forward + backward captured as a CUDA graph and replayed,
 #    checked against the package's own numbers and timed against its step (CuPy 14.2 refuses to capture the
 #    step's cuBLAS calls, and the script says so; it runs in 2 s).
-# On an H200 (2026-11-26) the whole script took 135-155 s (the device tool's wall time), and the machine's start 30 s.
+# On an H200 (2026-11-26) the whole script took 135-155 s with two benchmark processes per framework (a third, now the
+# default, adds about 30 s), and the machine's start 30 s.
 #
 # It uses that machine's own python3 (CuPy for CUDA 13, PyTorch CUDA, pytest, Pillow and Matplotlib are
 # installed there; nothing can be fetched) with this checkout on PYTHONPATH, so nothing is installed.
