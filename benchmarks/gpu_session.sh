@@ -64,8 +64,9 @@ if step example 75 "$py" examples/celeba.py --device gpu --max-steps 300 --no-pr
   cat "$out/run/summary.json"
 fi
 
-# three processes per framework, so that the median is not the one slow process a run sometimes has (one of 4-6
-# scratchvae processes ran every step 1.6x slower in each of the H200 runs; with two, the median was that one)
+# three processes per framework, so that the median is not the one slow process a run sometimes has (in 3 of the
+# first 5 H200 runs one scratchvae process ran all its steps 1.5-1.8x slower than the others; with two, the median
+# was that one)
 step benchmark 230 "$py" benchmarks/bench_train.py --devices gpu --batches 128 --rounds 3
 
 # an experiment, last so that it cannot cost the figures above: the step's forward + backward as a CUDA graph

@@ -92,7 +92,7 @@ class SquaredError:
     def nll(self, x, out):
         """Summed squared error per sample and image, ``(m, N)``."""
         diff = (out - x).reshape(out.shape[0] * out.shape[1], -1)
-        # squared in place, then summed: two CuPy launches, where its einsum costs a quarter of a millisecond of Python
+        # squared in place, then summed: two CuPy launches, where its einsum cost a quarter of a millisecond of Python
         return array_module(diff).square(diff, out=diff).sum(axis=1).reshape(out.shape[:2])
 
     def nll_backward(self, dnll, x, out):
