@@ -689,6 +689,23 @@ def test_batchnorm_statistics_are_accurate_in_float32(xp):
     numpy.testing.assert_allclose(backend.to_host(bn.buffers["running_var"]), var, rtol=1e-3)
 
 
+def test_batchnorm_statistics_on_both_paths_are_those_of_the_float32_numbers():
+    """The NumPy path (variance from x - mean, a second pass) and the GPU path on the stand-in device, which compiles
+    the same C (variance as E[x^2] - mean^2, summed in float64, one pass): for a float32 batch whose mean lies 2000
+    standard deviations from zero, both give the mean and variance of its float32 numbers to float32 rounding."""
+    from strict_device import use_strict_device  # noqa: PLC0415
+
+    x = (1000.0 + 0.5 * numpy.random.default_rng(24).standard_normal((64, 32, 32, 4))).astype(numpy.float32)
+    exact = x.astype(numpy.float64).reshape(-1, 4)
+    for device in (contextlib.nullcontext(numpy), use_strict_device()):
+        with device as dev:
+            bn = layers.BatchNorm2d(4, momentum=1.0)  # the running estimates become the batch's own
+            bn.forward(dev.asarray(x))
+            got = [backend.to_host(bn.buffers[name]) for name in ("running_mean", "running_var")]
+        numpy.testing.assert_allclose(got[0], exact.mean(axis=0), rtol=1e-6)
+        numpy.testing.assert_allclose(got[1], exact.var(axis=0, ddof=1), rtol=1e-6)
+
+
 def test_sigmoid_matches_the_logistic_function_without_overflow(xp):
     x = numpy.array([-1e4, -100.0, -88.5, -80.0, -3.0, 0.0, 2.5, 100.0, 1e4], dtype=numpy.float32)
     x = numpy.concatenate([x, numpy.linspace(-40, 40, 801, dtype=numpy.float32)])
