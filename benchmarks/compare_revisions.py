@@ -158,10 +158,9 @@ def main(argv=None):
     if args.processes:
         with revision_package(args.rev, args.exported) as (package, path):
             return in_processes(args, package, path)
-    from bench_train import GPU_WARMUP_S  # noqa: PLC0415
-
     with revision_package(args.rev, args.exported) as (package, path):
         sys.path[:0] = [HERE, ROOT, path]  # bench_train's layer timers; this tree's package; the revision's
+        from bench_train import GPU_WARMUP_S  # noqa: PLC0415
         versions = {args.rev: build(package, args.preset, args.batch, args.device),
                     "working tree": build("scratchvae", args.preset, args.batch, args.device)}
         start = time.perf_counter()
