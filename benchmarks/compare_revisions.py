@@ -160,15 +160,15 @@ def main(argv=None):
             return in_processes(args, package, path)
     with revision_package(args.rev, args.exported) as (package, path):
         sys.path[:0] = [HERE, ROOT, path]  # bench_train's layer timers; this tree's package; the revision's
-        from bench_train import GPU_WARMUP_S  # noqa: PLC0415
+        from bench_train import GPU_WARMUP_S, time_steps  # noqa: PLC0415
         versions = {args.rev: build(package, args.preset, args.batch, args.device),
                     "working tree": build("scratchvae", args.preset, args.batch, args.device)}
-        start = time.perf_counter()
-        for i in range(1_000_000):  # warm-up: work arrays allocated, caches filled (a GPU busy for a while)
-            if i >= 2 and (args.device == "cpu" or time.perf_counter() - start > GPU_WARMUP_S):
-                break
+
+        def both():
             for step, _ in versions.values():
                 step()
+        # warm-up, the versions in turn: work arrays allocated, caches filled (a GPU busy for a while)
+        time_steps(both, 2, 0, warmup_s=GPU_WARMUP_S if args.device == "gpu" else 0.0)
         for _, timers in versions.values():
             for fb in (timers or {}).values():
                 fb[:] = [0.0, 0.0]

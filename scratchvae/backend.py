@@ -81,16 +81,21 @@ def device_name() -> str:
 EXTRA_DEVICE_TYPES = []
 
 
+def _is_cupy_array(a) -> bool:
+    # by the type's module, so that no check imports CuPy
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
 def is_device_array(a) -> bool:
     """True for an array that lives on the device (a CuPy array)."""
-    return type(a).__module__.split(".")[0] == "cupy" or isinstance(a, tuple(EXTRA_DEVICE_TYPES))
+    return _is_cupy_array(a) or isinstance(a, tuple(EXTRA_DEVICE_TYPES))
 
 
 def array_module(*arrays):
     """The module owning ``arrays``: the device module if any is a device array, numpy otherwise."""
     for a in arrays:
         if is_device_array(a):
-            if type(a).__module__.split(".")[0] == "cupy":
+            if _is_cupy_array(a):
                 import cupy  # noqa: PLC0415  (already imported, since a cupy array exists)
 
                 return cupy
@@ -108,7 +113,7 @@ def fused(formula):
 
     @functools.wraps(formula)
     def run(*arrays):
-        if any(type(a).__module__.split(".")[0] == "cupy" for a in arrays):
+        if any(_is_cupy_array(a) for a in arrays):
             if not compiled:
                 compiled.append(_import_cupy().fuse(formula))
             return compiled[0](*arrays)

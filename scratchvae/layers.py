@@ -481,11 +481,12 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     # rows (ones, window row t, window column u, c_in) x columns (row phase a, column phase b, c_out): the weights
     # phase (a, b) applies to each number of a window, zero where that phase lacks a tap
     wsub = xp.empty((one + th * tw * cin, s, s, cout), dtype=w.dtype)
-    row_phases = [phase_taps(taps_h, a, s, d0) for a in range(s)]
-    col_phases = [phase_taps(taps_w, b, s, e0) for b in range(s)]
-    if backend.is_device_array(w):  # on a GPU: one launch instead of s*s + 1 (``kernels``' subpixel_weights)
+    on_device = backend.is_device_array(w)
+    if on_device:  # on a GPU: one launch instead of s*s + 1 (``kernels``' subpixel_weights)
         kernels.kernel(xp, "subpixel_weights")(w, cin, cout, kh, kw, th, tw, s, padding, d0, e0, wsub[one:])
-    else:
+    else:  # (the phases' taps as slices serve the copies here and the products below)
+        row_phases = [phase_taps(taps_h, a, s, d0) for a in range(s)]
+        col_phases = [phase_taps(taps_w, b, s, e0) for b in range(s)]
         wsub[one:] = 0
         taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
         for a, rows in enumerate(row_phases):
@@ -497,7 +498,7 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
 
     shape = (n, mh, s, mw, s, cout)
     y = module.output_array(name, shape, col.dtype, xp)
-    if backend.is_device_array(col):
+    if on_device:
         # on a GPU, where each product and copy is a launch: every phase in one product (the zero rows included),
         # then one copy that interleaves them
         phases = module.work_array(name + " phases", (len(col), s * s * cout), col.dtype, xp)
