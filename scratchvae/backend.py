@@ -254,6 +254,14 @@ def save_npz(path, arrays) -> None:
 
 
 def load_npz(path) -> dict:
-    """Read an .npz written by ``save_npz`` into a dict of host arrays (pickles refused)."""
-    with numpy.load(os.fspath(path), allow_pickle=False) as f:
+    """Read an .npz written by ``save_npz`` into a dict of host arrays (pickles refused).
+
+    Every entry is read (and its CRC checked) here, so a damaged file fails now, not later; a file that is not
+    an .npz at all raises ValueError saying so (rather than NumPy's words about pickles)."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK":
+        raise ValueError(f"{path} is not an .npz archive ({'empty' if not magic else 'it starts with ' + repr(magic)})")
+    with numpy.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
