@@ -6,8 +6,10 @@
     python examples/celeba.py --plot-only           # redraw the figures of a finished run
 
 Everything happens in ``scratchvae.train`` (the loop, logs, checkpoints) and ``scratchvae.plots`` (the
-figures); this script only turns command-line options into a ``TrainConfig``. Exit status: 0 done,
-2 bad options or data, 3 NaN/Inf loss (last good checkpoint kept), 130 interrupted (checkpoint written).
+figures); this script only turns command-line options into a ``TrainConfig``. Exit status: 0 done;
+2 bad options, data, checkpoint or logs, or a disk or memory that refused (the last checkpoint kept); 3 the
+run diverged, a NaN/Inf anywhere (the last good checkpoint kept); 130 Ctrl-C and 143 SIGTERM (checkpoint
+written).
 """
 from __future__ import annotations
 
@@ -100,13 +102,19 @@ def config_from_args(args) -> TrainConfig:
 
 
 def draw(out) -> int:
-    """Draw the figures of the run in ``out`` and list them; 0 on success, 2 when there is no run there."""
+    """Draw the figures of the run in ``out`` and list them; 0 on success, 2 when there is no readable run there
+    or the figures cannot be written (the figures already there are kept whole)."""
     from scratchvae.plots import plot_run  # noqa: PLC0415  (matplotlib loads only when drawing)
 
     try:
         paths = plot_run(out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError) as e:
         print(f"celeba.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"celeba.py: error: cannot write the figures in {out} ({e.strerror or e}); the figures already there "
+              "are kept. Free some space, or make the folder writable, then run again with --plot-only",
+              file=sys.stderr)
         return 2
     print("figures: " + ", ".join(str(p) for p in paths))
     return 0
@@ -136,6 +144,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before the loop began (loading data): nothing to save
         print("celeba.py: interrupted before training began; nothing was saved", file=sys.stderr)
         return 130
+    except MemoryError as e:  # loading the data
+        print(f"celeba.py: error: out of memory before training began ({type(e).__name__}: {e}); use a smaller "
+              "--limit or --image-size", file=sys.stderr)
+        return 2
     ev, wall = summary["final_eval"], summary["wall_seconds"]
     print(f"done: {summary['steps']} steps ({summary['epochs']:g} epochs) in {int(wall // 60)}m {wall % 60:.0f}s on "
           f"{summary['device']}. Held-out -ELBO {ev['neg_elbo_nats']:.2f} nats/image = {ev['bits_per_dim']:.4f} "

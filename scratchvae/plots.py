@@ -15,15 +15,20 @@ needed and nothing global changes: the Agg renderer draws straight to PNG.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from . import backend
-from .train import CHECKPOINT, EVAL, LOG, SAMPLE_STREAM, load_checkpoint, read_csv
+from .train import (CHECKPOINT, EVAL, EVAL_FIELDS, LOG, LOG_FIELDS, SAMPLE_STREAM, ConfigError, _reason,
+                    load_checkpoint, read_log)
 from .vae import VAE, kl_per_dimension
+
+log = logging.getLogger(__name__)
 
 DPI = 100
 RECON_LABELS = {
@@ -69,7 +74,19 @@ def plot_curve(path, steps, values, eval_steps, eval_values, title, ylabel, log_
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.savefig(path)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """Write ``fig`` to the PNG ``path`` through a temporary file and a rename, so that a full disk or a crash
+    leaves the figure that was there whole; returns ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
@@ -103,8 +120,7 @@ def _show_grid(path, grid, title, scale=2, ylabels=None, cell=None):
     for side in ax.spines.values():
         side.set_visible(False)
     fig.suptitle(title, fontsize=10, y=1 - 0.04 / fig.get_figheight(), va="top")
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_reconstructions(model, x, path, ncol=8, scale=2):
@@ -189,8 +205,10 @@ def plot_run(run_dir, dest=None, scale=2, colors=None) -> list:
     out = Path(dest) if dest is not None else run
     out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(run / CHECKPOINT)
-    rows, evals = read_csv(run / LOG), read_csv(run / EVAL)
-    recon_name = ckpt["config"]["recon"]
+    (rows, dropped), (evals, dropped_evals) = read_log(run / LOG, LOG_FIELDS), read_log(run / EVAL, EVAL_FIELDS)
+    for message in dropped + dropped_evals:  # one bad row must not cost the figures: drawn without it
+        log.warning("%s; the figures are drawn from the good rows", message)
+    recon_name = ckpt["config"].get("recon", "sse")
     paths = []
     steps, recon, kl = _columns(rows, "step", "recon", "kl")
     esteps, erecon, ekl = _columns(evals, "step", "recon", "kl")
@@ -199,9 +217,13 @@ def plot_run(run_dir, dest=None, scale=2, colors=None) -> list:
     paths.append(plot_curve(out / "vae_kld.png", steps, kl, esteps, ekl,
                             "KL(q(z|x) || p(z)) per image", "nats", log_scale=False))
 
-    model = VAE.from_arrays(ckpt["arrays"])
+    try:
+        model = VAE.from_arrays(ckpt["arrays"])
+        x = as_batch(ckpt["arrays"]["heldout/images"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"the checkpoint {run / CHECKPOINT} does not hold a model its config describes "
+                          f"({_reason(e)}); it is damaged: the curves were drawn, the image figures cannot be") from None
     model.eval()
-    x = as_batch(ckpt["arrays"]["heldout/images"])
     seed = int(ckpt["meta"]["seed"])
     paths.append(plot_reconstructions(model, x[:16], out / "vae_recons.png", scale=scale))
     paths.append(plot_samples(model, out / "samples.png", seed=seed, scale=scale))
@@ -220,4 +242,10 @@ def _reduce_colors(path, colors):
 
     with Image.open(path) as img:
         reduced = img.convert("RGB").quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    reduced.save(path, optimize=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        reduced.save(tmp, format="PNG", optimize=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
