@@ -208,6 +208,13 @@ def plot_run(run_dir, dest=None, scale=2, colors=None) -> list:
     (rows, dropped), (evals, dropped_evals) = read_log(run / LOG, LOG_FIELDS), read_log(run / EVAL, EVAL_FIELDS)
     for message in dropped + dropped_evals:  # one bad row must not cost the figures: drawn without it
         log.warning("%s; the figures are drawn from the good rows", message)
+    try:  # before any figure is drawn: a damaged checkpoint replaces none of those there
+        model = VAE.from_arrays(ckpt["arrays"])
+        x = as_batch(ckpt["arrays"]["heldout/images"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"the checkpoint {run / CHECKPOINT} does not hold a model its config describes "
+                          f"({_reason(e)}); it is damaged, so no figure was drawn") from None
+    model.eval()
     recon_name = ckpt["config"].get("recon", "sse")
     paths = []
     steps, recon, kl = _columns(rows, "step", "recon", "kl")
@@ -216,14 +223,6 @@ def plot_run(run_dir, dest=None, scale=2, colors=None) -> list:
                             RECON_LABELS.get(recon_name, recon_name)))
     paths.append(plot_curve(out / "vae_kld.png", steps, kl, esteps, ekl,
                             "KL(q(z|x) || p(z)) per image", "nats", log_scale=False))
-
-    try:
-        model = VAE.from_arrays(ckpt["arrays"])
-        x = as_batch(ckpt["arrays"]["heldout/images"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise ConfigError(f"the checkpoint {run / CHECKPOINT} does not hold a model its config describes "
-                          f"({_reason(e)}); it is damaged: the curves were drawn, the image figures cannot be") from None
-    model.eval()
     seed = int(ckpt["meta"]["seed"])
     paths.append(plot_reconstructions(model, x[:16], out / "vae_recons.png", scale=scale))
     paths.append(plot_samples(model, out / "samples.png", seed=seed, scale=scale))

@@ -725,6 +725,8 @@ def train(config: TrainConfig) -> dict:
         log.close()
         raise
     last_eval = {k: float(v) for k, v in eval_rows[-1].items()} if eval_rows else None
+    if last_eval is not None and not all(map(math.isfinite, last_eval.values())):
+        last_eval = None  # a NaN row an older version wrote: evaluated again at the end
     _say(f"model: preset {cfg.preset}, latent {cfg.latent_dim}, {model.num_parameters():,} parameters, "
          f"{backend.device_name()}; {per_epoch} batches of {cfg.batch_size} per epoch, {total} steps")
     if step >= total:
@@ -784,11 +786,12 @@ def train(config: TrainConfig) -> dict:
                                             f"(step {saved}) is kept in {ckpt_path}. "
                                             + _loss_advice(cfg, step, saved), step) from None
                     if bad := non_finite_state(model, optimizer):  # a finite loss, but an update that overflowed
+                        params = {name for name, _, _ in model.named_parameters()}
                         raise NonFiniteLoss(
                             f"the run diverged at step {step + 1} (epoch {epoch + 1}): its loss was finite "
                             f"({logs['loss']:.4g}) but the update made {_names(bad)} NaN or Inf. The last good "
-                            f"checkpoint (step {saved}) is kept in {ckpt_path}; continue from it with a lower "
-                            f"learning rate, e.g. --resume --lr {cfg.lr / 10:g}", step)
+                            f"checkpoint (step {saved}) is kept in {ckpt_path}. "
+                            + _update_advice(cfg, step, saved, all(name in params for name in bad)), step)
                     step += 1  # before clearing `updating`: a Ctrl-C in between must not lose the update's count
                     updating = False
                     rate = len(x) / max(time.perf_counter() - tick, 1e-9)  # data fetch + update
@@ -849,6 +852,16 @@ def train(config: TrainConfig) -> dict:
     finally:
         tmp.unlink(missing_ok=True)
     return summary
+
+
+def _update_advice(cfg, step, saved, only_parameters) -> str:
+    """What to do after update ``step + 1`` made the state non-finite, the last checkpoint being of step ``saved``."""
+    if saved < step or only_parameters:  # a smaller step from the checkpoint goes elsewhere
+        return f"Continue from it with a lower learning rate, e.g. --resume --lr {cfg.lr / 10:g}"
+    # the gradients (or BatchNorm's batch statistics) of the checkpoint's weights themselves overflowed:
+    # they do not depend on the learning rate of the update that follows
+    return (f"The gradients of the checkpoint's weights themselves overflow, so a lower learning rate cannot help "
+            f"from it: start over with a lower --lr than {cfg.lr:g} (the same command with --force, or --out DIR)")
 
 
 def _loss_advice(cfg, step, saved) -> str:
