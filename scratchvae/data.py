@@ -605,8 +605,11 @@ def _build_cache(listing, order, image_size, draft, data_path, meta_path, key, w
         seconds=round(seconds, 2), workers=workers,
     )
     tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, meta_path)
+    try:
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, meta_path)
+    finally:
+        tmp_meta.unlink(missing_ok=True)
     log.info("cached %d images in %.1f s (%.0f images/s, %d workers) at %s",
              n, seconds, n / seconds, workers, data_path)
     return meta
@@ -668,7 +671,11 @@ def load_celeba(path, image_size: int = 64, cache_dir=None, limit: int | None = 
     built = opened is None
     if built:
         log.info("building the image cache %s: %s", data_path, why)
-        _build_cache(listing, order, image_size, draft, data_path, meta_path, key, workers, progress)
+        try:
+            _build_cache(listing, order, image_size, draft, data_path, meta_path, key, workers, progress)
+        except OSError as e:  # a full disk, a read-only one: the images themselves are only read
+            raise DataError(f"cannot write the image cache in {cache_dir} ({e.strerror or e}); pass a cache_dir "
+                            "(--cache-dir DIR) on a disk with room that you can write") from None
         opened, why = _open_cache(data_path, meta_path, key)
         if opened is None:
             raise DataError(f"the cache {data_path} just built cannot be opened ({why}); delete {cache_dir}, retry")

@@ -445,6 +445,8 @@ def read_log(path, fields) -> tuple:
     rows, dropped = [], []
     for number, line in enumerate(lines[1:], 2):
         line = line.rstrip("\r")
+        if not line.strip():
+            continue  # a blank line holds no row to lose
         values = next(csv.reader([line.replace("\0", "")]), []) if "\0" not in line else None
         row = dict(zip(header, values)) if values is not None and len(values) == len(header) else None
         if row is None or not all(_is_number(row[k]) for k in fields) or not row["step"].isdigit():
@@ -681,17 +683,13 @@ def train(config: TrainConfig) -> dict:
             raise CannotContinue(f"cannot write {what} in {out} ({e.strerror or _reason(e)}): free some space, or "
                                  f"make the folder writable; {kept()}", step) from None
 
-    # --force deletes the old run only now, when the data has loaded: a mistyped option cannot cost a run
-    guarded("the run folder", prepare_out_dir, out, cfg.resume, cfg.force)
-    for name in remove_stale_temporaries(out):
-        _say(f"removed {out / name}, left by a run that was killed while writing it")
     try:
         model = build_model(cfg)
         optimizer = Adam(model, lr=cfg.lr)
     except MemoryError as e:
         raise CannotContinue(f"out of memory building the model ({_reason(e)}): these options need about "
                              f"{memory_needed(cfg) / 1e9:,.1f} GB; use a smaller --latent-dim, --batch-size or "
-                             "--mc-samples", 0) from None
+                             f"--mc-samples; {kept()}", 0) from None
     log_rows, eval_rows = [], []
     if stored is not None:
         try:
@@ -709,6 +707,12 @@ def train(config: TrainConfig) -> dict:
         if optimizer.lr != cfg.lr:
             _say(f"lr changed on resume: {optimizer.lr!r} -> {cfg.lr!r}")
             optimizer.lr = cfg.lr
+    # --force deletes the old run only now, when the data has loaded and the model is built: a mistyped option
+    # cannot cost a run
+    guarded("the run folder", prepare_out_dir, out, cfg.resume, cfg.force)
+    for name in remove_stale_temporaries(out):
+        _say(f"removed {out / name}, left by a run that was killed while writing it")
+    if stored is not None:
         # Rows written after the checkpoint (a crash, or a NaN) are replayed, so they are dropped here; damaged
         # rows are dropped too, and said so, and the log as it was is kept beside it.
         for name, fields, rows in ((LOG, LOG_FIELDS, log_rows), (EVAL, EVAL_FIELDS, eval_rows)):
