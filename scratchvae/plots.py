@@ -150,13 +150,13 @@ def plot_interpolation(model, x, path, steps=8, pairs=4, scale=2):
 
 
 def _plot_interpolation(model, x, path, steps, pairs, scale):
-    pairs = min(pairs, len(x) // 2)
+    pairs = max(1, min(pairs, len(x) // 2))  # a single held-out image makes one (constant) row
     mu = model.encode(x)[0]
     xp = backend.array_module(mu)
     t = xp.linspace(0, 1, steps, dtype=mu.dtype)[:, None]
     rows = []
     for p in range(pairs):
-        a, b = 2 * p, 2 * p + 1
+        a, b = 2 * p, min(2 * p + 1, len(x) - 1)
         z = (1 - t) * mu[a] + t * mu[b]
         decoded = backend.to_host(model.output_to_image(model.decode(z)))
         rows += [backend.to_host(x[a:a + 1]), decoded, backend.to_host(x[b:b + 1])]
