@@ -155,6 +155,9 @@ class TrainConfig:
         c.batch_size = batch_size if c.batch_size is None else c.batch_size
         if c.preset in PRESETS and c.latent_dim is None:
             c.latent_dim = PRESETS[c.preset]["latent_dim"]
+        if c.data is not None and not str(c.data).strip():
+            raise ConfigError("--data is empty: give the CelebA location, or leave --data out to use the built-in "
+                              "faces")
         if c.data is not None:
             c.data = os.path.abspath(os.path.expanduser(c.data))
         c.check()
