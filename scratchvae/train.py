@@ -90,9 +90,6 @@ class NonFiniteLoss(TrainingStopped):
     exit_code = 3
 
 
-Diverged = NonFiniteLoss  # the same failure, by what it means for the run
-
-
 class CannotContinue(TrainingStopped):
     """The machine refused: a run file could not be written (disk full, read-only) or memory ran out.
     The last checkpoint is intact; the run resumes once the cause is removed."""
@@ -259,23 +256,23 @@ def check_writable(out) -> None:
 
 
 def remove_stale_temporaries(out) -> list:
-    """Delete the temporary files a killed run left in ``out`` (a checkpoint's ``.tmp-PID`` whose process is gone,
-    a log's ``.tmp``); returns their names."""
+    """Delete the temporary files a killed run left in ``out`` (a checkpoint's or a figure's ``.tmp-PID`` whose
+    process is gone, a log's ``.tmp``); returns their names."""
     removed = []
     for path in sorted(Path(out).glob("*.tmp*")):
-        name = path.name
-        if name.startswith(CHECKPOINT + ".tmp-"):
+        base, _, pid = path.name.partition(".tmp")
+        if base not in OUTPUTS or (pid and not (pid.startswith("-") and pid[1:].isdigit())):
+            continue  # not a file a run writes
+        if pid:
             try:
-                os.kill(int(name.rsplit("-", 1)[1]), 0)
+                os.kill(int(pid[1:]), 0)
                 continue  # a live process is writing it
-            except (ValueError, ProcessLookupError):
+            except ProcessLookupError:
                 pass
             except PermissionError:
                 continue  # another user's live process
-        elif name not in (LOG + ".tmp", EVAL + ".tmp", SUMMARY + ".tmp"):
-            continue
         path.unlink(missing_ok=True)
-        removed.append(name)
+        removed.append(path.name)
     return removed
 
 

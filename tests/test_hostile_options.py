@@ -108,16 +108,17 @@ def test_force_keeps_the_users_own_files_and_a_finished_run_resumed_trains_nothi
 
 
 @pytest.mark.parametrize("leftover", ["checkpoint.npz.tmp-{dead}", "log.csv.tmp", "eval.csv.tmp",
-                                      "summary.json.tmp"])
+                                      "summary.json.tmp", "samples.png.tmp-{dead}"])
 def test_leftovers_of_a_killed_run_are_removed_on_resume(tmp_path, leftover):
     """Issue 5: a checkpoint.npz.tmp-PID of a killed run survived --resume; now removed, and said so."""
     out = finished_run(tmp_path / "run")
     dead = 2 ** 22 + 12345  # above Linux's pid_max default: no live process has it
     name = leftover.format(dead=dead)
     (out / name).write_bytes(b"half a file" if "checkpoint" in name else b"")
+    (out / "notes.tmp").write_text("mine")  # a file of the user's with a like name stays
     r = tiny(out, "--epochs", 2, "--resume")
     assert r.code == 0 and r.says(f"removed {out / name}"), r
-    assert not (out / name).exists()
+    assert not (out / name).exists() and (out / "notes.tmp").read_text() == "mine"
     assert log_steps(out / "log.csv") == list(range(1, 2 * PER_EPOCH + 1))
 
 
