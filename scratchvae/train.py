@@ -342,8 +342,8 @@ def load_checkpoint(path) -> dict:
     Raises ConfigError, saying what is wrong, for a file that is damaged (truncated, overwritten, not an .npz)
     or is not a training checkpoint of this version.
     """
-    damaged = (f"; the file is damaged (a copy cut short, or overwritten?). Start over with --force (which replaces "
-               f"it), or --out DIR for a new run")
+    damaged = ("; the file is damaged (a copy cut short, or overwritten?). Start over with --force (which replaces "
+               "it), or --out DIR for a new run")
     try:
         arrays = backend.load_npz(path)
     except FileNotFoundError:
@@ -437,7 +437,7 @@ def read_log(path, fields) -> tuple:
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    header = next(csv.reader([lines[0].rstrip("\r")]), []) if lines else []
+    header = next(csv.reader([lines[0].rstrip("\r").replace("\0", "")]), []) if lines else []
     lacking = [k for k in fields if k not in header]
     if lacking:
         return [], [f"{Path(path).name} has no columns {', '.join(lacking)} (its header is {lines[0][:60]!r}): "
