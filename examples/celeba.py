@@ -74,6 +74,8 @@ def build_parser():
     t.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the weights, the noise and the batch order (default 0)")
     t.add_argument("--device", choices=backend.DEVICES, default="auto",
                    help="cpu (NumPy), gpu (CuPy) or auto (the GPU when CuPy sees one)")
+    t.add_argument("--engine", choices=("fast", "reference"), default="fast",
+                   help="fast (the default) or reference: the textbook layers, the same numbers, several times slower")
     t.add_argument("--eval-images", type=positive_int, metavar="N",
                    help="validation images per evaluation (default: the whole split)")
     t.add_argument("--checkpoint-every", type=positive_int, default=250, metavar="N",
@@ -94,7 +96,7 @@ def config_from_args(args) -> TrainConfig:
         data=args.data, out=args.out, image_size=args.image_size, preset=args.preset, latent_dim=args.latent_dim,
         recon=args.recon, recon_variance=args.recon_variance, beta=args.beta, mc_samples=args.mc_samples,
         objective=args.objective, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, max_steps=args.max_steps, limit=args.limit, eval_images=args.eval_images,
+        device=args.device, engine=args.engine, max_steps=args.max_steps, limit=args.limit, eval_images=args.eval_images,
         checkpoint_every=args.checkpoint_every, resume=args.resume, force=args.force, workers=args.workers,
         cache_dir=args.cache_dir, progress=not args.no_progress)
 

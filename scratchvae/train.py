@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, backend
-from .optim import Adam
-from .vae import PRESETS, RECONSTRUCTIONS, VAE, NonFiniteLossError
+from .vae import ENGINES, PRESETS, RECONSTRUCTIONS, VAE, NonFiniteLossError
 
 # Random streams, each a fixed second element of the seed tuple so none can overlap another
 # (the VAE itself uses ``seed`` for its initial weights and ``(seed, 1, call number)`` for the
@@ -61,7 +60,7 @@ DEFAULTS = {  # per data source: (preset, epochs, batch size)
 }
 
 # Options that must be equal to resume a run: they change the model, the data or the order of the
-# batches. The others (epochs, max_steps, lr, device, checkpoint_every, ...) may change on resume.
+# batches. The others (epochs, max_steps, lr, device, engine, checkpoint_every, ...) may change on resume.
 MUST_MATCH = ("data", "limit", "image_size", "preset", "latent_dim", "recon", "recon_variance", "beta",
               "mc_samples", "objective", "seed", "batch_size")
 
@@ -111,6 +110,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "auto"
+    engine: str = "fast"             # 'fast' or 'reference' (the textbook layers: the same numbers, slower)
     max_steps: int | None = None     # stop after this many updates in all (counted from the run's start)
     limit: int | None = None         # use only the first N training images
     eval_images: int | None = None   # cap on the validation images per evaluation; None: the whole split
@@ -156,6 +156,7 @@ class TrainConfig:
         need(self.recon in RECONSTRUCTIONS, f"unknown recon {self.recon!r}; choose one of {', '.join(RECONSTRUCTIONS)}")
         need(self.objective in ("elbo", "prior-mc"), f"objective must be 'elbo' or 'prior-mc', got {self.objective!r}")
         need(self.device in backend.DEVICES, f"device must be one of {', '.join(backend.DEVICES)}, got {self.device!r}")
+        need(self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         for name in ("image_size", "epochs", "batch_size", "mc_samples", "latent_dim", "checkpoint_every"):
             positive_int(name.replace("_", "-"), getattr(self, name))
         for name in ("max_steps", "limit", "eval_images", "workers"):
@@ -226,7 +227,7 @@ def build_model(cfg: TrainConfig) -> VAE:
     """The VAE a resolved config describes (weights drawn from ``cfg.seed``)."""
     return VAE(image_size=cfg.image_size, preset=cfg.preset, latent_dim=cfg.latent_dim, recon=cfg.recon,
                recon_variance=cfg.recon_variance, beta=cfg.beta, mc_samples=cfg.mc_samples,
-               objective=cfg.objective, seed=cfg.seed)
+               objective=cfg.objective, seed=cfg.seed, engine=cfg.engine)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -399,7 +400,7 @@ def train(config: TrainConfig) -> dict:
     # --force deletes the old run only now, when the data has loaded: a mistyped option cannot cost a run
     prepare_out_dir(out, resume=cfg.resume, force=cfg.force)
     model = build_model(cfg)
-    optimizer = Adam(model, lr=cfg.lr)
+    optimizer = model.make_optimizer(lr=cfg.lr)
     step, train_seconds = 0, 0.0
     log_rows, eval_rows = [], []
     if stored is not None:
