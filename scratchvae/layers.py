@@ -149,6 +149,16 @@ def _positive_int(what, value, minimum=1):
     return value
 
 
+def _conv_geometry(layer, in_channels, out_channels, kernel_size, stride, padding):
+    """Store a convolution's channels, kernel, stride and padding, each checked (a ValueError names a bad one)."""
+    name = type(layer).__name__
+    layer.in_channels = _positive_int(f"{name}'s in_channels", in_channels)
+    layer.out_channels = _positive_int(f"{name}'s out_channels", out_channels)
+    layer.kh, layer.kw = (_positive_int(f"{name}'s kernel_size", k) for k in _pair(kernel_size))
+    layer.stride = _positive_int(f"{name}'s stride", stride)
+    layer.padding = _positive_int(f"{name}'s padding", padding, minimum=0)
+
+
 class Linear(Module):
     r"""Fully connected layer: :math:`y = x W^\top + b`, x ``(N, in)``, W ``(out, in)``, y ``(N, out)``.
 
@@ -231,11 +241,7 @@ class Conv2d(Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, rng=None, dtype=None):
         super().__init__()
-        self.kh, self.kw = (_positive_int("Conv2d's kernel_size", k) for k in _pair(kernel_size))
-        self.stride = _positive_int("Conv2d's stride", stride)
-        self.padding = _positive_int("Conv2d's padding", padding, minimum=0)
-        self.in_channels = _positive_int("Conv2d's in_channels", in_channels)
-        self.out_channels = _positive_int("Conv2d's out_channels", out_channels)
+        _conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding)
         rng, dtype = rng or backend.rng(0), dtype or backend.get_default_dtype()
         bound = 1.0 / math.sqrt(in_channels * self.kh * self.kw)
         self._add_param("W", _uniform(rng, (out_channels, in_channels, self.kh, self.kw), bound, dtype))
@@ -246,21 +252,17 @@ class Conv2d(Module):
         # (out, in, kh, kw) -> (kh*kw*in, out): rows ordered like the columns of im2col, (i, j, c)
         return self.params["W"].transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
 
-    def output_hw(self, h, w):
-        """(OH, OW) for an input of h x w pixels; a ValueError if the kernel does not fit the padded input."""
-        oh = conv_output_size(h, self.kh, self.stride, self.padding)
-        ow = conv_output_size(w, self.kw, self.stride, self.padding)
-        if oh < 1 or ow < 1:
-            raise ValueError(f"a {self.kh}x{self.kw} kernel with padding {self.padding} does not fit a {h}x{w} "
-                             "input: use larger images, more padding or a smaller kernel")
-        return oh, ow
-
     def check_input(self, x):
-        """The input's (OH, OW); a ValueError naming the problem unless x is ``(N, H, W, C_in)``."""
+        """The output's (OH, OW); a ValueError naming the problem unless x is ``(N, H, W, C_in)`` the kernel fits."""
         if x.ndim != 4 or x.shape[3] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, channels-last "
+            raise ValueError(f"Conv2d expects {self.in_channels} input channels, channels-last "
                              f"(NHWC: N, H, W, {self.in_channels}), got shape {x.shape}")
-        return self.output_hw(x.shape[1], x.shape[2])
+        oh = conv_output_size(x.shape[1], self.kh, self.stride, self.padding)
+        ow = conv_output_size(x.shape[2], self.kw, self.stride, self.padding)
+        if oh < 1 or ow < 1:
+            raise ValueError(f"a {self.kh}x{self.kw} kernel with padding {self.padding} does not fit {x.shape[1]}x"
+                             f"{x.shape[2]} images: use larger images, more padding or a smaller kernel")
+        return oh, ow
 
     def forward(self, x):
         oh, ow = self.check_input(x)
@@ -295,14 +297,10 @@ class ConvTranspose2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
                  bias=True, rng=None, dtype=None):
         super().__init__()
-        self.kh, self.kw = (_positive_int("ConvTranspose2d's kernel_size", k) for k in _pair(kernel_size))
-        self.stride = _positive_int("ConvTranspose2d's stride", stride)
-        self.padding = _positive_int("ConvTranspose2d's padding", padding, minimum=0)
+        _conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding)
         if not (isinstance(output_padding, int) and 0 <= output_padding < stride):
             raise ValueError(f"output_padding must be in [0, stride), got {output_padding} with stride {stride}")
         self.output_padding = output_padding
-        self.in_channels = _positive_int("ConvTranspose2d's in_channels", in_channels)
-        self.out_channels = _positive_int("ConvTranspose2d's out_channels", out_channels)
         rng, dtype = rng or backend.rng(0), dtype or backend.get_default_dtype()
         bound = 1.0 / math.sqrt(out_channels * self.kh * self.kw)
         self._add_param("W", _uniform(rng, (in_channels, out_channels, self.kh, self.kw), bound, dtype))

@@ -1,5 +1,20 @@
 """The fast engine's convolutions: gathers from strided views and sub-pixel products, on work arrays.
 
+Every convolution here is "gather, then multiply". A gather copies, for every output position, the input numbers
+its kernel window covers into one row of a column matrix. In NHWC one row of a window, kw neighbouring pixels, is
+kw*C consecutive numbers, so all the windows of an image are ONE strided view of it, and the gather is ONE
+contiguous copy out of that view (plus thin strips for the windows that overlap the zero padding): no loop over
+kernel offsets, no scatter-add (col2im), no padded copy of the image, and every work array kept from step to step.
+
+==========================  ========================================================================
+Conv2d forward              gather x with stride s (im2col), multiply by W
+ConvTranspose2d forward     gather x with stride 1 in sub-pixel windows, multiply, interleave the phases
+Conv2d backward to x        the transposed convolution of dy (the same code as ConvTranspose2d forward)
+ConvTranspose2d backward    the convolution of dy (the same gather as Conv2d forward); it also gives dW
+==========================  ========================================================================
+
+A stride-1 Conv2d with fewer outputs than inputs (the decoder's last layer, 32 -> 3 channels) multiplies first
+and shifts afterwards, so that its work arrays hold kh*kw*C_out numbers per pixel, not kh*kw*C_in.
 Each class subclasses its reference layer (``scratchvae.layers``), keeps its parameters, layouts and
 initialisation, and overrides ``forward``/``backward`` only; ``tests/fast/`` checks both give the same numbers.
 """
@@ -11,26 +26,7 @@ from . import kernels
 from .norm import channel_rows, pixel_sums
 from .workspace import Workspace
 
-# ---- convolution: gathers from strided views, then one matrix product --------------------------------
-#
-# Every convolution below is "gather, then multiply". A gather copies, for every output position, the
-# input numbers its kernel window covers into one row of a column matrix. In NHWC one row of a window,
-# kw neighbouring pixels, is kw*C consecutive numbers, so all the windows of an image are ONE strided view
-# of it, and the gather is ONE contiguous copy out of that view (plus thin strips for the windows that
-# overlap the zero padding): no loop over kernel offsets, no scatter-add (col2im) anywhere, no padded copy
-# of the image, and every work array is kept from step to step.
-#
-#   Conv2d forward            gather x with stride s (im2col), multiply by W
-#   ConvTranspose2d forward   gather x with stride 1 in sub-pixel windows, multiply, interleave the phases
-#   Conv2d backward to x      the transposed convolution of dy (the same code as ConvTranspose2d forward)
-#   ConvTranspose2d backward  the convolution of dy (the same gather as Conv2d forward); it also gives dW
-#
-# A stride-1 Conv2d with fewer outputs than inputs (the decoder's last layer, 32 -> 3 channels) multiplies
-# first and shifts afterwards, so that its work arrays hold kh*kw*C_out numbers per pixel, not kh*kw*C_in.
-
-# Numbers of tap planes per block of images in the multiply-first convolution: 4 MB, 8 of the decoder's
-# 64x64 images (27 planes each). Measured in training steps: blocks of 4 images lost to the smaller
-# products, blocks of 16 gained less than 8; 8 took the last conv from 30.1 to 24.9 ms per step (small, batch 64).
+# images per block of the multiply-first convolution: tap planes of about 4 MB, which are still in cache when added
 TAP_BLOCK = 1 << 20
 
 
@@ -198,9 +194,8 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
 def sum_over_rows(a, b):
     """``a^T b`` for a ``(K, m)`` and b ``(K, n)`` with many rows K: a weight gradient, summed over pixels.
 
-    Computed as ``(b^T a)^T`` when m < n: two OpenBLAS threads share a product with fewer rows than
-    columns badly when K is large (a 27 x 32 product over 65536 rows ran 200 times slower than its
-    transpose on two busy cores), so the side with more columns goes first.
+    Computed as ``(b^T a)^T`` when m < n: OpenBLAS's threads share a product with fewer rows than columns
+    badly when K is large, so the side with more columns goes first.
     """
     return a.T @ b if a.shape[1] >= b.shape[1] else (b.T @ a).T
 
