@@ -87,13 +87,12 @@ def logvar_head(model):
 # ---- 1. the logvar clamp's bounds ------------------------------------------------------------------------------
 
 def test_logvar_within_the_bounds_passes_with_its_gradient_and_beyond_them_is_clamped_without(xp, f64):
-    """README: logvar is clamped to [LOGVAR_MIN, LOGVAR_MAX] = [-30, 20], wide enough for any real posterior;
+    """vae.py: logvar is clamped to [LOGVAR_MIN, LOGVAR_MAX] = [-30, 20], far wider than any real posterior needs;
     inside, encode returns it untouched and its gradient flows; beyond either bound, the gradient is zero."""
-    assert vae.LOGVAR_MIN <= -10 and vae.LOGVAR_MAX >= 10, (vae.LOGVAR_MIN, vae.LOGVAR_MAX)
-    assert math.isfinite(numpy.exp(numpy.float32(vae.LOGVAR_MAX)))  # why there is a clamp at all
+    with numpy.errstate(over="ignore"):  # why there is a clamp at all: exp(logvar) must stay finite in float32
+        assert numpy.isfinite(numpy.exp(numpy.float32(vae.LOGVAR_MAX))), f"exp({vae.LOGVAR_MAX}) overflows float32"
     model = VAE(image_size=16, preset="tiny", latent_dim=4)
-    x = images(3, seed=1)
-    x = x.astype(numpy.float64)
+    x = images(3, seed=1).astype(numpy.float64)
     raw = numpy.array([-10.0, 10.0, vae.LOGVAR_MIN - 1.0, vae.LOGVAR_MAX + 1.0])
     w_name, b_name = logvar_head(model)
     state = {k: host(v).copy() for k, v in model.state_dict().items()}
@@ -110,17 +109,19 @@ def test_logvar_within_the_bounds_passes_with_its_gradient_and_beyond_them_is_cl
     # shows whether the gradient of each dimension of logvar reaches the encoder
     state[w_name][...] = 1e-3 * numpy.random.default_rng(2).standard_normal(state[w_name].shape)
     model.load_state_dict(state)
-    zeros = xp.zeros((3, 4))
+    zeros, v, h = xp.zeros((3, 4)), backend.to_device(numpy.random.default_rng(3).standard_normal(x.shape)), 1e-4
     for j, kind in enumerate(["raw -10", "raw +10", "below LOGVAR_MIN", "above LOGVAR_MAX"]):
-        model.zero_grad()
         model.encode(x)
         dlogvar = xp.zeros((3, 4))
         dlogvar[:, j] = 1.0
-        dx = numpy.abs(host(model.encode_backward(zeros, dlogvar))).max()
-        if j < 2:
-            assert dx > 0, f"logvar dimension {j} ({kind}) is inside the bounds but got no gradient"
+        dx = host(model.encode_backward(zeros, dlogvar))
+        if j < 2:  # the gradient of sum(logvar[:, j]), against central differences along v
+            numeric = float(host(model.encode(x + h * v)[1][:, j].sum() - model.encode(x - h * v)[1][:, j].sum())) / (2 * h)
+            assert numeric != 0 and float((dx * host(v)).sum()) == pytest.approx(numeric, rel=1e-5), \
+                f"logvar dimension {j} ({kind}) is inside the bounds but its gradient is not passed on"
         else:
-            assert dx == 0, f"logvar dimension {j} ({kind}) is clamped but its gradient reached the encoder: {dx}"
+            largest = float(numpy.abs(dx).max())
+            assert largest == 0, f"logvar dimension {j} ({kind}) is clamped but its gradient reached the encoder: {largest}"
 
 
 # ---- 2.-4. evaluate ----------------------------------------------------------------------------------------------
@@ -150,7 +151,10 @@ def test_evaluate_with_beta_reports_the_true_bound_and_the_weighted_loss(xp):
 def test_evaluate_mse_is_that_of_the_posterior_mean_reconstruction(xp):
     """evaluate's docstring: mse is the per-pixel squared error of the reconstruction from mu(x), not from a sample."""
     x = images(5, seed=5)
-    model = trained_tiny_model(x)
+    model = trained_tiny_model(x, steps=20)  # a decoder that has learnt to respond to z
+    state = {k: host(v).copy() for k, v in model.state_dict().items()}
+    state[logvar_head(model)[1]] += 3.0  # wide posteriors: a sampled z lies far from mu
+    model.load_state_dict(state)
     want = float(host(((model.reconstruct(x) - x) ** 2).mean()))
     for seed in (6, 7):
         got = model.evaluate(x, rng=backend.rng(seed))["mse"]
@@ -160,6 +164,8 @@ def test_evaluate_mse_is_that_of_the_posterior_mean_reconstruction(xp):
 def test_evaluate_runs_in_eval_mode_and_leaves_batchnorm_alone(xp):
     """evaluate's docstring: no update, eval-mode BatchNorm (running statistics, untouched), the mode restored."""
     x = images(4, seed=8)
+    x[:2] *= 0.2  # two dark images and two bright ones: each alone has batch statistics far from the batch's
+    x[2:] = 0.8 + 0.2 * x[2:]
     model = trained_tiny_model(x)
     eps = backend.to_device(numpy.random.default_rng(9).standard_normal((1, 4, 4)).astype(numpy.float32))
     before = {k: host(v).copy() for k, v in model.state_dict().items()}
@@ -249,7 +255,8 @@ def test_resume_from_a_periodic_checkpoint_after_sigkill_continues_exactly(tmp_p
     run_killed(parts, 6, "--epochs", 2, "--checkpoint-every", 4)
     assert checkpoint_meta(parts)["step"] == 4, "no periodic checkpoint of step 4 was written"
     # log.csv is flushed row by row: all five finished updates are on disk, though the process died
-    assert [int(r["step"]) for r in rows(parts / "log.csv")] == [1, 2, 3, 4, 5]
+    logged = [int(r["step"]) for r in rows(parts / "log.csv")]
+    assert logged == [1, 2, 3, 4, 5], f"log.csv holds steps {logged} after the kill, not 1..5: rows were not flushed"
     train.train(config(parts, epochs=2, checkpoint_every=4, resume=True))
     assert losses(parts) == losses(whole), "the resumed log differs from the uninterrupted run's"
     assert rows(parts / "eval.csv") == rows(whole / "eval.csv")
@@ -315,10 +322,47 @@ def test_each_image_size_keeps_its_own_cache(tmp_path):
     pixels64 = numpy.array(first64.train.images)
     first32 = load(32)
     assert first32.cache_built and first32.train.images.shape[-1] == 32
-    assert first32.cache_path != first64.cache_path, "the two sizes share one cache file"
     again64 = load(64)
     assert not again64.cache_built, "the 64 px cache was rebuilt after a 32 px load"
     after = os.stat(again64.cache_path)
     assert (after.st_ino, after.st_mtime_ns) == (stat64.st_ino, stat64.st_mtime_ns), "the 64 px cache was rewritten"
     numpy.testing.assert_array_equal(numpy.asarray(again64.train.images), pixels64)
     assert not load(32).cache_built, "the 32 px cache was rebuilt after a 64 px load"
+
+
+# ---- more promises -------------------------------------------------------------------------------------------------
+
+def test_max_steps_counts_the_updates_of_the_whole_run_across_resumes(tmp_path):
+    """README: --max-steps counts all updates of the run, across resumes (not those of this invocation)."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train.train(config(whole, epochs=2, max_steps=9))
+    train.train(config(parts, epochs=2, max_steps=4))
+    summary = train.train(config(parts, epochs=2, max_steps=9, resume=True))
+    assert summary["steps"] == 9, f"resumed with --max-steps 9 at step 4, the run ended at step {summary['steps']}"
+    assert checkpoint_meta(parts)["step"] == 9
+    assert len(rows(parts / "log.csv")) == 9, "the resumed run made max_steps more updates, not max_steps in all"
+    assert losses(parts) == losses(whole)
+    assert train.train(config(parts, epochs=2, max_steps=9, resume=True))["steps"] == 9  # nothing left to do
+    assert len(rows(parts / "log.csv")) == 9
+
+
+def test_every_evaluation_sees_the_same_noise(xp):
+    """evaluate_images: every evaluation of a run draws the same noise, so that epochs compare like with like;
+    the model's own generator (which advances with every call given none) must not be used."""
+    x = (numpy.random.default_rng(11).random((12, 3, 16, 16)) * 255).astype(numpy.uint8)
+    model = VAE(image_size=16, preset="tiny")
+    first = train.evaluate_images(model, x, 5, seed=0)
+    model.sample(3)  # draws from the model's own generator in between, as the figures do
+    assert train.evaluate_images(model, x, 5, seed=0) == first, "a second evaluation drew other noise"
+    assert train.evaluate_images(model, x, 5, seed=1) != first, "the evaluation noise ignores the seed"
+
+
+def test_the_built_in_faces_hold_out_other_faces_than_they_train_on():
+    """load_synthetic: each split has its own stream, so validation and test faces are not training faces."""
+    ds = data.load_synthetic(48, 8, image_size=16, seed=0)
+    train_faces = {img.tobytes() for img in numpy.asarray(ds.train.images)}
+    for split in (ds.valid, ds.test):
+        shared = sum(img.tobytes() in train_faces for img in numpy.asarray(split.images))
+        assert shared == 0, f"{shared} of the {len(split)} {split.name} faces are training faces"
+    assert not numpy.array_equal(numpy.asarray(ds.valid.images), numpy.asarray(ds.test.images)), \
+        "the validation and test faces are the same faces"
