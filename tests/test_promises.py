@@ -302,7 +302,7 @@ def write_celeba_like(folder, n):
     """n aligned-CelebA-sized (178x218) JPEGs named as CelebA's."""
     folder.mkdir(parents=True)
     g = numpy.random.default_rng(10)
-    for i in range(1, n + 1):
+    for i in range(n, 0, -1):  # newest first: a folder listing in creation order is not in name order
         small = g.integers(0, 256, (9, 8, 3), dtype=numpy.uint8)
         Image.fromarray(small).resize((178, 218), Image.Resampling.BICUBIC).save(folder / f"{i:06d}.jpg", quality=90)
 
@@ -366,3 +366,25 @@ def test_the_built_in_faces_hold_out_other_faces_than_they_train_on():
         assert shared == 0, f"{shared} of the {len(split)} {split.name} faces are training faces"
     assert not numpy.array_equal(numpy.asarray(ds.valid.images), numpy.asarray(ds.test.images)), \
         "the validation and test faces are the same faces"
+
+
+def test_more_epochs_on_resume_continue_a_finished_run_exactly(tmp_path):
+    """README: --epochs may change on resume: a finished 1-epoch run resumed with --epochs 2 is the 2-epoch run."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train.train(config(whole, epochs=2))
+    train.train(config(parts, epochs=1))
+    summary = train.train(config(parts, epochs=2, resume=True))
+    assert summary["steps"] == 2 * PER_EPOCH, f"resumed with --epochs 2, the run ended at step {summary['steps']}"
+    assert losses(parts) == losses(whole)
+    assert rows(parts / "eval.csv") == rows(whole / "eval.csv")
+
+
+def test_limit_keeps_the_first_images_by_file_name(tmp_path):
+    """load_celeba: ``limit`` keeps the first N images by file name, whatever order the folder lists them in."""
+    folder = tmp_path / "celeba"
+    write_celeba_like(folder, 12)
+    ds = data.load_celeba(folder, image_size=16, cache_dir=tmp_path / "cache", limit=5, workers=1, progress=False)
+    names = [str(n) for split in (ds.train, ds.valid, ds.test) for n in split.names]
+    assert sorted(names) == [f"{i:06d}.jpg" for i in range(1, 6)], f"limit=5 kept {sorted(names)}"
+    first = data.decode_image(folder / str(ds.train.names[0]), 16)
+    numpy.testing.assert_array_equal(numpy.asarray(ds.train.images[0]), first)
