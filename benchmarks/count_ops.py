@@ -124,13 +124,13 @@ def install(counter):
             setattr(vae, name, fused_call)
 
 
-def count(preset, batch, counter, steps=1):
+def count(preset, batch, counter, steps=1, engine="fast"):
     """Operations in one training step of ``preset`` (after two warm-up steps), noted in ``counter``
     (installed with ``install``), which is emptied first."""
     counter.by_owner.clear()
     counter.by_line.clear()
     with strict_device.use_strict_device() as dev:
-        model = VAE(image_size=64, preset=preset)
+        model = VAE(image_size=64, preset=preset, engine=engine)
         optimizer = model.make_optimizer(lr=1e-3)
         x = dev.asarray(numpy.random.default_rng(0).random((batch, 3, 64, 64), dtype=numpy.float32))
         for _ in range(2):
@@ -146,11 +146,13 @@ def main(argv=None):
     p.add_argument("--presets", nargs="+", default=["default", "small"])
     p.add_argument("--batch", type=int, default=4, help="images per step (the count does not depend on it)")
     p.add_argument("--by-line", action="store_true", help="also list the source lines that issue the most")
+    p.add_argument("--engine", choices=("fast", "reference"), default="fast",
+                   help="which engine's step to count (the reference's shows what the fast engine's kernels save)")
     args = p.parse_args(argv)
     counter = Counter()
     install(counter)
     for preset in args.presets:
-        count(preset, args.batch, counter)
+        count(preset, args.batch, counter, engine=args.engine)
         total = sum(counter.by_owner.values())
         print(f"\n{preset} preset: {total} array operations per training step on the GPU code path")
         print("| where | operations |\n|---|---:|")

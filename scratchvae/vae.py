@@ -390,6 +390,7 @@ class VAE(Module):
         ``eps`` ``(m, N, d)`` is the noise (drawn from ``rng``, or from ``own_rng`` when neither is given):
         it is the same array in the forward and the backward pass.
         """
+        self.check_images(x)
         if eps is None:
             eps = self.draw_eps(x.shape[0], rng)
         if self.objective == "prior-mc":
@@ -485,6 +486,8 @@ class VAE(Module):
         (recon + beta KL), and ``mse`` (per-pixel squared error of the posterior-mean reconstruction; for
         the prior-mc objective, which has no encoder, of the decode of the first prior sample).
         """
+        self.check_images(x)
+
         def run():
             noise = eps if eps is not None else self.draw_eps(x.shape[0], rng)
             num_pixels = x[0].size

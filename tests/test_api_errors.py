@@ -42,10 +42,11 @@ def test_latent_dim_zero_is_not_replaced_by_the_presets():
 
 @pytest.mark.parametrize("engine", ["fast", "reference"])
 @pytest.mark.parametrize("shape", [(2, 3, 32, 32), (2, 1, 16, 16), (2, 3, 16, 8), (3, 16, 16)])
-def test_a_vae_fed_images_of_another_shape_says_which_it_takes(engine, shape):
-    model = VAE(image_size=16, preset="tiny", engine=engine)
+@pytest.mark.parametrize("objective", ["elbo", "prior-mc"])
+def test_a_vae_fed_images_of_another_shape_says_which_it_takes(engine, shape, objective):
+    model = VAE(image_size=16, preset="tiny", engine=engine, objective=objective)
     x = numpy.zeros(shape, dtype=numpy.float32)
-    for call in (model.encode, model.reconstruct, model.evaluate):
+    for call in (model.encode, model.reconstruct, model.evaluate, model.forward_backward):
         with pytest.raises(ValueError, match=r"this VAE takes images \(N, 3, 16, 16\).*image_size"):
             call(x)
 
