@@ -94,12 +94,12 @@ def build_parser():
 def config_from_args(args) -> TrainConfig:
     """The TrainConfig the parsed options describe."""
     return TrainConfig(
-        data=args.data, out=args.out, image_size=args.image_size, resample=args.resample, preset=args.preset, latent_dim=args.latent_dim,
+        data=args.data, out=args.out, image_size=args.image_size, preset=args.preset, latent_dim=args.latent_dim,
         recon=args.recon, recon_variance=args.recon_variance, beta=args.beta, mc_samples=args.mc_samples,
         objective=args.objective, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, max_steps=args.max_steps, limit=args.limit, eval_images=args.eval_images,
         checkpoint_every=args.checkpoint_every, resume=args.resume, force=args.force, workers=args.workers,
-        cache_dir=args.cache_dir, progress=not args.no_progress)
+        cache_dir=args.cache_dir, resample=args.resample, progress=not args.no_progress)
 
 
 def draw(out) -> int:
