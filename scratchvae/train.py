@@ -62,8 +62,8 @@ DEFAULTS = {  # per data source: (preset, epochs, batch size)
 
 # Options that must be equal to resume a run: they change the model, the data or the order of the
 # batches. The others (epochs, max_steps, lr, device, checkpoint_every, ...) may change on resume.
-MUST_MATCH = ("data", "limit", "image_size", "resample", "preset", "latent_dim", "recon", "recon_variance", "beta",
-              "mc_samples", "objective", "seed", "batch_size")
+MUST_MATCH = ("data", "limit", "image_size", "preset", "latent_dim", "recon", "recon_variance", "beta",
+              "mc_samples", "objective", "seed", "batch_size", "resample")
 # What a checkpoint written before an option existed was made with (CelebA was resized with Lanczos then).
 BEFORE_OPTION = {"resample": "lanczos"}
 
