@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from scratchvae import backend
+from scratchvae.data import RESAMPLE, RESAMPLE_FILTERS
 from scratchvae.train import DEFAULTS, FIGURES, ConfigError, TrainConfig, TrainingStopped, train
 from scratchvae.vae import PRESETS, RECONSTRUCTIONS
 
@@ -49,6 +50,8 @@ def build_parser():
     d.add_argument("--data", metavar="PATH", help="CelebA: folder of img_align_celeba JPEGs, img_align_celeba.zip, "
                    "or torchvision's root (default: the built-in synthetic faces)")
     d.add_argument("--image-size", type=positive_int, default=64, metavar="N", help="side of the square images in pixels (default 64)")
+    d.add_argument("--resample", choices=list(RESAMPLE_FILTERS), default=RESAMPLE, help="filter resizing CelebA's "
+                   "148x148 centre crop (default bilinear, as torchvision's Resize; lanczos was the default before)")
     d.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N images (quick runs)")
     d.add_argument("--workers", type=positive_int, metavar="N", help="processes decoding CelebA into the cache on "
                    "the first run (default: one per core)")
@@ -98,7 +101,7 @@ def config_from_args(args) -> TrainConfig:
         objective=args.objective, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, engine=args.engine, max_steps=args.max_steps, limit=args.limit, eval_images=args.eval_images,
         checkpoint_every=args.checkpoint_every, resume=args.resume, force=args.force, workers=args.workers,
-        cache_dir=args.cache_dir, progress=not args.no_progress)
+        cache_dir=args.cache_dir, resample=args.resample, progress=not args.no_progress)
 
 
 def draw(out) -> int:
