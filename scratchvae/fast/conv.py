@@ -144,7 +144,6 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     row for all the phases at once (twice the minimum arithmetic), and one copy interleaves them.
     ``module`` lends its work arrays (and ``name``\ s its output array).
     """
-    xp = array_module(x)
     n, _, _, cin = x.shape
     cout, kh, kw = w.shape[1:]
     oh, ow = out_hw
@@ -154,41 +153,49 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     th, tw = max(d for _, _, d in taps_h) - d0 + 1, max(e for _, _, e in taps_w) - e0 + 1
     mh, mw = -(-oh // s), -(-ow // s)  # output pixels per phase (rounded up; the excess is cropped below)
     col = gather(module, "subpixel_col", x, d0, e0, mh, mw, th, tw, 1, bias is not None)
-
     # rows (ones, window row t, window column u, c_in) x columns (row phase a, column phase b, c_out): the weights
     # phase (a, b) applies to each number of a window, zero where that phase lacks a tap
-    wsub = xp.empty((one + th * tw * cin, s, s, cout), dtype=w.dtype)
-    on_device = backend.is_device_array(w)
-    if on_device:  # on a GPU: one launch instead of s*s + 1 (``kernels``' subpixel_weights)
-        kernels.kernel(xp, "subpixel_weights")(w, cin, cout, kh, kw, th, tw, s, padding, d0, e0, wsub[one:])
-    else:  # (the phases' taps as slices serve the copies here and the products below)
-        row_phases = [phase_taps(taps_h, a, s, d0) for a in range(s)]
-        col_phases = [phase_taps(taps_w, b, s, e0) for b in range(s)]
-        wsub[one:] = 0
-        taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
-        for a, rows in enumerate(row_phases):
-            for b, cols in enumerate(col_phases):  # all the taps of phase (a, b) in one copy
-                if rows and cols:
-                    taps[rows[0], cols[0], :, a, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
+    wsub = array_module(w).empty((one + th * tw * cin, s, s, cout), dtype=w.dtype)
     if bias is not None:
         wsub[0] = bias  # every phase of every pixel
+    y = module.output_array(name, (n, mh, s, mw, s, cout), col.dtype, array_module(x))
+    if backend.is_device_array(x):
+        kernels.kernel(array_module(w), "subpixel_weights")(w, cin, cout, kh, kw, th, tw, s, padding, d0, e0, wsub[one:])
+        _phase_products_gpu(module, col, wsub, y, name)
+    else:
+        _phase_products_cpu(module, col, w, wsub, y, name, [phase_taps(taps_h, a, s, d0) for a in range(s)],
+                            [phase_taps(taps_w, b, s, e0) for b in range(s)], (th, tw))
+    return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
 
-    shape = (n, mh, s, mw, s, cout)
-    y = module.output_array(name, shape, col.dtype, xp)
-    if on_device:
-        # on a GPU, where each product and copy is a launch: every phase in one product (the zero rows included),
-        # then one copy that interleaves them
-        phases = module.work_array(name + " phases", (len(col), s * s * cout), col.dtype, xp)
-        xp.matmul(col, wsub.reshape(len(wsub), s * s * cout), out=phases)
-        y[...] = phases.reshape(n, mh, mw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
-        return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
+
+def _phase_products_cpu(module, col, w, wsub, y, name, row_phases, col_phases, window):
+    """The CPU's sub-pixel weights (one strided copy of W per phase) and products: for each row phase, the window
+    rows up to its last tap (a leading block of col's columns) times its weights, copied into its output pixels.
+    ``window`` is (T rows, T columns) of shifts; the phases' taps as slices serve both the copies and the products."""
+    xp = array_module(col)
+    n, mh, s, mw, _, cout = y.shape
+    (th, tw), cin = window, w.shape[0]
+    one = len(wsub) - th * tw * cin
+    wsub[one:] = 0
+    taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
+    for a, rows in enumerate(row_phases):
+        for b, cols in enumerate(col_phases):  # all the taps of phase (a, b) in one copy
+            if rows and cols:
+                taps[rows[0], cols[0], :, a, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
     phase = module.work_array(name + " phase", (len(col), s * cout), col.dtype, xp)
     for a, rows in enumerate(row_phases):
-        # row phase a needs the window rows up to its last tap only: a leading block of col's columns
         used = one + (rows[0].stop if rows else 0) * tw * cin
         xp.matmul(col[:, :used], wsub[:used, a].reshape(used, s * cout), out=phase)
         y[:, :, a] = phase.reshape(n, mh, mw, s, cout)  # output pixels (s m + a, s m' + b): one copy
-    return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
+
+
+def _phase_products_gpu(module, col, wsub, y, name):
+    """On a GPU, where each product and copy is a launch: every phase in one product (the zero rows included),
+    then one copy that interleaves them."""
+    n, mh, s, mw, _, cout = y.shape
+    phases = module.work_array(name + " phases", (len(col), s * s * cout), col.dtype, array_module(col))
+    array_module(col).matmul(col, wsub.reshape(len(wsub), s * s * cout), out=phases)
+    y[...] = phases.reshape(n, mh, mw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
 
 
 def sum_over_rows(a, b):
