@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from scratchvae import backend
+from scratchvae.data import RESAMPLE, RESAMPLE_FILTERS
 from scratchvae.train import DEFAULTS, FIGURES, ConfigError, TrainConfig, TrainingStopped, train
 from scratchvae.vae import PRESETS, RECONSTRUCTIONS
 
@@ -51,6 +52,8 @@ def build_parser():
     d.add_argument("--data", metavar="PATH", help="CelebA: folder of img_align_celeba JPEGs, img_align_celeba.zip, "
                    "or torchvision's root (default: the built-in synthetic faces)")
     d.add_argument("--image-size", type=positive_int, default=64, metavar="N", help="side of the square images in pixels (default 64)")
+    d.add_argument("--resample", choices=list(RESAMPLE_FILTERS), default=RESAMPLE, help="filter resizing CelebA's "
+                   "148x148 centre crop (default bilinear, as torchvision's Resize; lanczos was the default before)")
     d.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N images (quick runs)")
     d.add_argument("--workers", type=positive_int, metavar="N", help="processes decoding CelebA into the cache on "
                    "the first run (default: one per core)")
@@ -76,6 +79,8 @@ def build_parser():
     t.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the weights, the noise and the batch order (default 0)")
     t.add_argument("--device", choices=backend.DEVICES, default="auto",
                    help="cpu (NumPy), gpu (CuPy) or auto (the GPU when CuPy sees one)")
+    t.add_argument("--engine", choices=("fast", "reference"), default="fast",
+                   help="fast (the default) or reference: the textbook layers, the same numbers, several times slower")
     t.add_argument("--eval-images", type=positive_int, metavar="N",
                    help="validation images per evaluation (default: the whole split)")
     t.add_argument("--checkpoint-every", type=positive_int, default=250, metavar="N",
@@ -96,9 +101,9 @@ def config_from_args(args) -> TrainConfig:
         data=args.data, out=args.out, image_size=args.image_size, preset=args.preset, latent_dim=args.latent_dim,
         recon=args.recon, recon_variance=args.recon_variance, beta=args.beta, mc_samples=args.mc_samples,
         objective=args.objective, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, max_steps=args.max_steps, limit=args.limit, eval_images=args.eval_images,
+        device=args.device, engine=args.engine, max_steps=args.max_steps, limit=args.limit, eval_images=args.eval_images,
         checkpoint_every=args.checkpoint_every, resume=args.resume, force=args.force, workers=args.workers,
-        cache_dir=args.cache_dir, progress=not args.no_progress)
+        cache_dir=args.cache_dir, resample=args.resample, progress=not args.no_progress)
 
 
 def draw(out) -> int:

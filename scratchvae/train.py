@@ -33,8 +33,7 @@ from pathlib import Path
 
 from . import __version__, backend
 from .backend import array_module
-from .optim import Adam
-from .vae import PRESETS, RECONSTRUCTIONS, VAE, NonFiniteLossError
+from .vae import ENGINES, PRESETS, RECONSTRUCTIONS, VAE, NonFiniteLossError
 
 # Random streams, each a fixed second element of the seed tuple so none can overlap another
 # (the VAE itself uses ``seed`` for its initial weights and ``(seed, 1, call number)`` for the
@@ -64,9 +63,11 @@ DEFAULTS = {  # per data source: (preset, epochs, batch size)
 }
 
 # Options that must be equal to resume a run: they change the model, the data or the order of the
-# batches. The others (epochs, max_steps, lr, device, checkpoint_every, ...) may change on resume.
+# batches. The others (epochs, max_steps, lr, device, engine, checkpoint_every, ...) may change on resume.
 MUST_MATCH = ("data", "limit", "image_size", "preset", "latent_dim", "recon", "recon_variance", "beta",
-              "mc_samples", "objective", "seed", "batch_size")
+              "mc_samples", "objective", "seed", "batch_size", "resample")
+# What a checkpoint written before an option existed was made with (CelebA was resized with Lanczos then).
+BEFORE_OPTION = {"resample": "lanczos"}
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,7 @@ class TrainConfig:
     data: str | None = None          # CelebA location; None: the built-in synthetic faces
     out: str = "runs/celeba"
     image_size: int = 64
+    resample: str = "bilinear"       # CelebA's resize filter (data.RESAMPLE_FILTERS); the built-in faces have none
     preset: str | None = None        # 'small' on the built-in faces, 'default' on CelebA
     latent_dim: int | None = None    # None: the preset's
     recon: str = "sse"
@@ -128,6 +130,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "auto"
+    engine: str = "fast"             # 'fast' or 'reference' (the textbook layers: the same numbers, slower)
     max_steps: int | None = None     # stop after this many updates in all (counted from the run's start)
     limit: int | None = None         # use only the first N training images
     eval_images: int | None = None   # cap on the validation images per evaluation; None: the whole split
@@ -175,7 +178,12 @@ class TrainConfig:
         need(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         need(self.recon in RECONSTRUCTIONS, f"unknown recon {self.recon!r}; choose one of {', '.join(RECONSTRUCTIONS)}")
         need(self.objective in ("elbo", "prior-mc"), f"objective must be 'elbo' or 'prior-mc', got {self.objective!r}")
+        from .data import RESAMPLE_FILTERS  # noqa: PLC0415  (Pillow's filters; data loads Pillow)
+
+        need(self.resample in RESAMPLE_FILTERS,
+             f"unknown resample filter {self.resample!r}; choose one of {', '.join(RESAMPLE_FILTERS)}")
         need(self.device in backend.DEVICES, f"device must be one of {', '.join(backend.DEVICES)}, got {self.device!r}")
+        need(self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         for name in ("image_size", "epochs", "batch_size", "mc_samples", "latent_dim", "checkpoint_every"):
             positive_int(name.replace("_", "-"), getattr(self, name))
         for name in ("max_steps", "limit", "eval_images", "workers"):
@@ -284,7 +292,7 @@ def load_data(cfg: TrainConfig):
 
     if cfg.data is not None:
         return data.load_celeba(cfg.data, image_size=cfg.image_size, cache_dir=cfg.cache_dir, limit=cfg.limit,
-                                workers=cfg.workers, progress=cfg.progress)
+                                workers=cfg.workers, progress=cfg.progress, resample=cfg.resample)
     n_train = cfg.limit or SYNTHETIC_TRAIN
     # with --limit, hold out an eighth as many faces (at least 8), so a quick run evaluates quickly too
     n_valid = SYNTHETIC_VALID if cfg.limit is None else min(SYNTHETIC_VALID, max(8, cfg.limit // 8))
@@ -295,7 +303,7 @@ def build_model(cfg: TrainConfig) -> VAE:
     """The VAE a resolved config describes (weights drawn from ``cfg.seed``)."""
     return VAE(image_size=cfg.image_size, preset=cfg.preset, latent_dim=cfg.latent_dim, recon=cfg.recon,
                recon_variance=cfg.recon_variance, beta=cfg.beta, mc_samples=cfg.mc_samples,
-               objective=cfg.objective, seed=cfg.seed)
+               objective=cfg.objective, seed=cfg.seed, engine=cfg.engine)
 
 
 def memory_needed(cfg: TrainConfig) -> int:
@@ -377,8 +385,13 @@ def _reason(error) -> str:
 
 def config_differences(stored: dict, requested: dict) -> list:
     """``"name: stored -> requested"`` for every option in MUST_MATCH on which two training configs differ."""
-    return [f"{k}: {stored.get(k)!r} (checkpoint) vs {requested.get(k)!r} (now)"
-            for k in MUST_MATCH if stored.get(k) != requested.get(k)]
+    def value(config, k):
+        if k == "resample" and config.get("data") is None:
+            return None  # the built-in faces are drawn at their size: no filter touches them
+        return config.get(k, BEFORE_OPTION.get(k))
+
+    return [f"{k}: {value(stored, k)!r} (checkpoint) vs {value(requested, k)!r} (now)"
+            for k in MUST_MATCH if value(stored, k) != value(requested, k)]
 
 
 # ---- logs ----------------------------------------------------------------------------------------------------
@@ -491,18 +504,21 @@ def evaluate_images(model, images, batch_size, seed) -> dict:
 # ---- the run's health --------------------------------------------------------------------------------------
 
 def _state_arrays(model, optimizer) -> list:
-    """The arrays a step changes: the parameters (one flat array where the model keeps them so), BatchNorm's
-    statistics and the optimiser's moments."""
-    flat = model.flat_parameters() if hasattr(model, "flat_parameters") else None
-    arrays = [flat[0]] if flat is not None else [p for _, p, _ in model.named_parameters()]
-    flat_buffers = getattr(model, "_flat_buffers", lambda: None)()
-    arrays += [flat_buffers] if flat_buffers is not None else [b for _, b in model.named_buffers()]
-    groups = getattr(optimizer, "state", None)
-    if isinstance(groups, list) and all(isinstance(g, dict) for g in groups):
-        arrays += [a for g in groups for a in g.values() if hasattr(a, "shape")]
+    """The arrays a step changes: the parameters and the optimiser's moments as the optimiser holds them (one
+    flat array each on the fast engine, which keeps them so), and BatchNorm's statistics (likewise)."""
+    groups = getattr(optimizer, "groups", None)
+    arrays = ([p for _, p, _ in groups] if groups is not None else [p for _, p, _ in model.named_parameters()])
+    states = getattr(optimizer, "state", None)
+    if isinstance(states, list) and all(isinstance(g, dict) for g in states):
+        arrays += [a for g in states for a in g.values() if hasattr(a, "shape")]
     else:
         arrays += [a for a in optimizer.state_dict().values() if hasattr(a, "shape")]
-    return arrays
+    flat = model.__dict__.get("_flat")  # (params, grads, buffers) where the model flattened them
+    flat_buffers = flat[2] if isinstance(flat, tuple) and len(flat) == 3 else None
+    buffers = [b for _, b in model.named_buffers()]
+    if flat_buffers is not None and all(b.base is flat_buffers for b in buffers):
+        return arrays + [flat_buffers]
+    return arrays + buffers
 
 
 def non_finite_state(model, optimizer) -> list:
@@ -685,7 +701,7 @@ def train(config: TrainConfig) -> dict:
 
     try:
         model = build_model(cfg)
-        optimizer = Adam(model, lr=cfg.lr)
+        optimizer = model.make_optimizer(lr=cfg.lr)
     except MemoryError as e:
         raise CannotContinue(f"out of memory building the model ({_reason(e)}): these options need about "
                              f"{memory_needed(cfg) / 1e9:,.1f} GB; use a smaller --latent-dim, --batch-size or "

@@ -13,7 +13,6 @@ import pytest
 from hostile_kit import (PER_EPOCH, all_finite, changes, checkpoint, checkpoint_step, finished_run, log_steps,
                          fast_figures, restore_device, script, snapshot, tiny)  # noqa: F401  (fixtures)
 from scratchvae import train
-from scratchvae.optim import Adam
 from scratchvae.vae import VAE
 
 
@@ -66,22 +65,22 @@ def test_a_tiny_decoder_variance_is_named(tmp_path):
     assert r.code == 3 and r.says("cannot help", "--recon-variance 1e-40"), r
 
 
-def _poison(where, value, at_call):
-    """An Adam.step that, at its ``at_call``-th call, puts ``value`` into the parameters, a BatchNorm statistic
-    or the moments after the real update."""
-    real, calls = Adam.step, []
+def _poison(optimizer_class, where, value, at_call):
+    """A ``step`` for ``optimizer_class`` that, at its ``at_call``-th call, puts ``value`` into the parameters,
+    a BatchNorm statistic or Adam's moments after the real update (``step.model`` is the model trained)."""
+    real, calls = optimizer_class.step, []
 
     def step(self):
         real(self)
         calls.append(1)
         if len(calls) == at_call:
             if where == "parameters":
-                self.params[3][1].reshape(-1)[0] = value
+                list(step.model.named_parameters())[3][1].reshape(-1)[0] = value
             elif where == "moments":
-                next(iter(self.state[0].values())).reshape(-1)[5] = value
+                moment = next(a for k, a in self.state_dict().items() if k.endswith("/v") and a.size > 5)
+                moment.reshape(-1)[5] = value
             else:
-                model = step.model
-                dict(model.named_buffers())[where].reshape(-1)[0] = value
+                dict(step.model.named_buffers())[where].reshape(-1)[0] = value
     return step
 
 
@@ -102,7 +101,8 @@ def test_a_non_finite_state_after_an_update_stops_the_run_before_any_checkpoint(
     checkpoint on disk is the one before, finite, untouched. The update from the checkpoint's own weights went
     wrong, so a lower learning rate is advised only where it changes the outcome (the parameters' step)."""
     out = tmp_path / "run"
-    step = _poison(where, value, at_call=9)  # the third update of epoch 2
+    optimizer_class = type(VAE(image_size=16, preset="tiny").make_optimizer(lr=1e-3))  # the engine's Adam
+    step = _poison(optimizer_class, where, value, at_call=9)  # the third update of epoch 2
     real_build = train.build_model
 
     def build(cfg):
@@ -110,7 +110,7 @@ def test_a_non_finite_state_after_an_update_stops_the_run_before_any_checkpoint(
         return step.model
 
     monkeypatch.setattr(train, "build_model", build)
-    monkeypatch.setattr(Adam, "step", step)
+    monkeypatch.setattr(optimizer_class, "step", step)
     r = tiny(out, "--epochs", 2, "--checkpoint-every", 4)
     assert r.code == 3 and r.says("diverged at step 9", names, "NaN or Inf", "(step 8)", advice), r
     assert checkpoint_step(out) == 8 and all_finite(out)
