@@ -9,6 +9,7 @@ SIGKILL, exit codes of the real script) run ``examples/celeba.py`` as a subproce
 """
 from __future__ import annotations
 
+import atexit
 import builtins
 import contextlib
 import errno
@@ -174,10 +175,17 @@ def log_steps(path) -> list:
 _FINISHED = {}
 
 
+def _scratch_dir(prefix) -> Path:
+    """A temporary folder for what is made once per session, removed when the session ends."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def finished_run(dest) -> Path:
     """A copy, at ``dest``, of a finished one-epoch tiny run (made once per session): checkpoint, logs, figures."""
     if "run" not in _FINISHED:
-        base = Path(tempfile.mkdtemp(prefix="hostile-run-")) / "run"
+        base = _scratch_dir("hostile-run-") / "run"
         result = tiny(base, "--epochs", 1)
         assert result.code == 0, result
         _FINISHED["run"] = base
@@ -203,7 +211,7 @@ _FACES = {}
 def faces(folder, n=12) -> Path:
     """``folder`` holding ``n`` CelebA-named 178x218 JPEGs (000001.jpg ...): copies of files made once."""
     if n not in _FACES:
-        base = Path(tempfile.mkdtemp(prefix=f"hostile-faces-{n}-"))
+        base = _scratch_dir(f"hostile-faces-{n}-")
         for i in range(1, n + 1):
             picture(i).save(base / f"{i:06d}.jpg", quality=85)
         _FACES[n] = base
