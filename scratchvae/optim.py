@@ -28,6 +28,10 @@ class Optimizer:
         for _, _, g in self.params:
             g[...] = 0
 
+    def state_arrays(self):
+        """Every array of the optimiser's state (Adam's moments), for checks of the whole."""
+        return [arr for slots in self.state.values() for arr in slots.values()]
+
     def state_dict(self):
         """Step count, learning rate and state arrays, as a flat dict: ``t``, ``lr``, ``<param>/<slot>``
         (e.g. ``encoder.0.W/m``; the arrays themselves, not copies)."""

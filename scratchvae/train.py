@@ -503,24 +503,6 @@ def evaluate_images(model, images, batch_size, seed) -> dict:
 
 # ---- the run's health --------------------------------------------------------------------------------------
 
-def _state_arrays(model, optimizer) -> list:
-    """The arrays a step changes: the parameters and the optimiser's moments as the optimiser holds them (one
-    flat array each on the fast engine, which keeps them so), and BatchNorm's statistics (likewise)."""
-    groups = getattr(optimizer, "groups", None)
-    arrays = ([p for _, p, _ in groups] if groups is not None else [p for _, p, _ in model.named_parameters()])
-    states = getattr(optimizer, "state", None)
-    if isinstance(states, list) and all(isinstance(g, dict) for g in states):
-        arrays += [a for g in states for a in g.values() if hasattr(a, "shape")]
-    else:
-        arrays += [a for a in optimizer.state_dict().values() if hasattr(a, "shape")]
-    flat = model.__dict__.get("_flat")  # (params, grads, buffers) where the model flattened them
-    flat_buffers = flat[2] if isinstance(flat, tuple) and len(flat) == 3 else None
-    buffers = [b for _, b in model.named_buffers()]
-    if flat_buffers is not None and all(b.base is flat_buffers for b in buffers):
-        return arrays + [flat_buffers]
-    return arrays + buffers
-
-
 def non_finite_state(model, optimizer) -> list:
     """The names of the parameters, buffers and optimiser moments that hold a NaN or an Inf; [] when all are finite.
 
@@ -528,7 +510,7 @@ def non_finite_state(model, optimizer) -> list:
     only when a sum is not finite (or overflowed) is every array looked at, to name the bad ones.
     """
     total = 0.0
-    for a in _state_arrays(model, optimizer):
+    for a in model.state_arrays() + optimizer.state_arrays():
         total = total + a.sum()
     if math.isfinite(backend.to_float(total)):
         return []

@@ -450,6 +450,10 @@ class VAE(Module):
         loss, recon, kl = to_host(array_module(loss).stack([loss, recon.mean(), kl.mean()]))
         return {"loss": float(loss), "recon": float(recon), "kl": float(kl)}
 
+    def state_arrays(self):
+        """The arrays a training step changes in the model: its parameters and buffers (for checks of the whole)."""
+        return [p for _, p, _ in self.named_parameters()] + [b for _, b in self.named_buffers()]
+
     def make_optimizer(self, lr=1e-3):
         """Adam over this model's parameters (the engine's own Adam: ``FastVAE`` gives the fast one)."""
         return Adam(self, lr=lr)

@@ -66,3 +66,26 @@ def test_an_unknown_engine_is_a_usage_error(tmp_path, capsys):
     assert stop.value.code == 2
     assert "invalid choice: 'turbo'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_the_health_check_sees_a_nan_in_any_array_a_step_changes(engine):
+    """``train.non_finite_state`` sums ``state_arrays`` of the model and the optimiser (two flat arrays each on the
+    fast engine): a NaN planted in any parameter, BatchNorm statistic or Adam moment is found and named."""
+    import numpy  # noqa: PLC0415
+
+    from scratchvae.train import non_finite_state  # noqa: PLC0415
+
+    model = VAE(image_size=8, preset="tiny", engine=engine)
+    optimizer = model.make_optimizer()
+    model.train_step(numpy.random.default_rng(0).random((4, 3, 8, 8)).astype(numpy.float32), optimizer)
+    assert non_finite_state(model, optimizer) == []
+    places = [(name, p) for name, p, _ in model.named_parameters()] + list(model.named_buffers())
+    places += [(f"optimiser {key}", a) for key, a in optimizer.state_dict().items() if hasattr(a, "shape")]
+    assert len(places) > 3 * len(list(model.named_parameters()))  # parameters, both moments of each, buffers
+    for name, array in places:
+        saved = array.flat[0]
+        array.flat[0] = numpy.nan
+        assert name in non_finite_state(model, optimizer), name
+        array.flat[0] = saved
+    assert non_finite_state(model, optimizer) == []

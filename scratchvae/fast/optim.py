@@ -46,6 +46,10 @@ class Adam(optim.Adam):
         for _, _, g in self.groups:
             g[...] = 0
 
+    def state_arrays(self):
+        """Every array of the state: one per group and slot (one each in all, over the flat parameters)."""
+        return [arr for state in self.state for arr in state.values()]
+
     def state_dict(self):
         """As ``optim.Optimizer.state_dict``: each parameter's part of its group's state as ``<param>/<slot>``."""
         out = {"t": self.t, "lr": self.lr}

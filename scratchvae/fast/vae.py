@@ -25,6 +25,13 @@ class FastVAE(VAE):
         """The fast engine's Adam, over the model's one array of parameters."""
         return Adam(self, lr=lr)
 
+    def state_arrays(self):
+        """The parameters and the buffers as their two flat arrays, where they have them."""
+        flat, flat_b = flat_parameters(self), flat_buffers(self)
+        if flat is None or flat_b is None:
+            return super().state_arrays()
+        return [flat[0], flat_b]
+
     def zero_grad(self):
         """Every gradient set to zero, all at once where they share one array."""
         flat = flat_parameters(self)
