@@ -2,9 +2,13 @@
 
 ``train(TrainConfig(...))`` runs (or resumes) one training run and writes into its folder ``config.out``:
 
-* ``log.csv``        one row per update: step, epoch, recon, kl, loss, lr, images_per_s (flushed as it goes);
+* ``log.csv``        one row per update: step, epoch, recon, kl, loss, lr, images_per_s, the beta in force (KL
+  warm-up) and the decoder variance s^2 (flushed as it goes);
 * ``eval.csv``       one row per held-out evaluation on the validation split (end of every epoch, end of run):
-  -ELBO in nats per image and in bits per dimension, recon, KL, loss, per-pixel MSE;
+  -ELBO in nats per image and in bits per dimension, recon, KL, loss, per-pixel MSE; and on the first
+  ``iw_images`` of them the importance-sampled -log p(x) estimate -L_k, the -ELBO from the same samples and
+  the gap L_k - ELBO (k = ``iw_samples`` at the end of the run, ``IW_EPOCH_SAMPLES`` at the other evaluations);
+* ``iw_bounds.csv``  per image of the last evaluation: -ELBO and -L_k for k = 1, 2, 4, ..., iw_samples;
 * ``checkpoint.npz`` everything needed to continue exactly (see ``save_checkpoint``); ``VAE.load`` reads it too;
 * ``summary.json``   the final numbers of the run.
 
@@ -39,15 +43,20 @@ from .vae import PRESETS, RECONSTRUCTIONS, VAE, NonFiniteLossError
 NOISE_STREAM = 2    # the reparameterization noise of update s: rng((seed, NOISE_STREAM, s))
 EVAL_STREAM = 3     # held-out evaluation, batch i: rng((seed, EVAL_STREAM, i)); the same at every evaluation
 SAMPLE_STREAM = 4   # the prior samples drawn for the figures
+IW_STREAM = 5       # the importance-sampled bound, batch i: rng((seed, IW_STREAM, i)); the same at every evaluation
 
 CHECKPOINT = "checkpoint.npz"
 LOG = "log.csv"
 EVAL = "eval.csv"
 SUMMARY = "summary.json"
-FIGURES = ("vae_mse.png", "vae_kld.png", "vae_recons.png", "samples.png", "interpolation.png", "traversal.png")
-OUTPUTS = (CHECKPOINT, LOG, EVAL, SUMMARY) + FIGURES  # what a run writes, so --force deletes nothing else
-LOG_FIELDS = ("step", "epoch", "recon", "kl", "loss", "lr", "images_per_s")
-EVAL_FIELDS = ("step", "epoch", "neg_elbo_nats", "bits_per_dim", "recon", "kl", "loss", "mse")
+IW_BOUNDS = "iw_bounds.csv"
+FIGURES = ("vae_mse.png", "vae_kld.png", "vae_recons.png", "samples.png", "interpolation.png", "traversal.png",
+           "elbo_gap.png", "decoder_variance.png")
+OUTPUTS = (CHECKPOINT, LOG, EVAL, SUMMARY, IW_BOUNDS) + FIGURES  # what a run writes, so --force deletes nothing else
+LOG_FIELDS = ("step", "epoch", "recon", "kl", "loss", "lr", "images_per_s", "beta", "decoder_variance")
+EVAL_FIELDS = ("step", "epoch", "neg_elbo_nats", "bits_per_dim", "recon", "kl", "loss", "mse",
+               "iw_k", "iw_images", "iw_neg_elbo_nats", "neg_log_px_nats", "elbo_gap_nats", "iw_seconds")
+IW_EPOCH_SAMPLES = 4  # k of the bound at the evaluations before the last (which uses --iw-samples): a cheap trend
 CHECKPOINT_FORMAT = 1
 HELDOUT_IMAGES = 32  # validation images kept in the checkpoint for the figures (so plotting needs no data)
 
@@ -63,7 +72,7 @@ DEFAULTS = {  # per data source: (preset, epochs, batch size)
 # Options that must be equal to resume a run: they change the model, the data or the order of the
 # batches. The others (epochs, max_steps, lr, device, checkpoint_every, ...) may change on resume.
 MUST_MATCH = ("data", "limit", "image_size", "preset", "latent_dim", "recon", "recon_variance", "beta",
-              "mc_samples", "objective", "seed", "batch_size")
+              "beta_warmup", "mc_samples", "objective", "seed", "batch_size")
 
 
 class ConfigError(ValueError):
@@ -102,8 +111,9 @@ class TrainConfig:
     preset: str | None = None        # 'small' on the built-in faces, 'default' on CelebA
     latent_dim: int | None = None    # None: the preset's
     recon: str = "sse"
-    recon_variance: float = 0.5
+    recon_variance: float | str = 0.5  # s^2 of --recon gaussian, or "learned" (a trained parameter)
     beta: float = 1.0
+    beta_warmup: int = 0             # updates over which beta rises linearly from 0 (0: none)
     mc_samples: int = 1
     objective: str = "elbo"
     epochs: int | None = None
@@ -114,6 +124,8 @@ class TrainConfig:
     max_steps: int | None = None     # stop after this many updates in all (counted from the run's start)
     limit: int | None = None         # use only the first N training images
     eval_images: int | None = None   # cap on the validation images per evaluation; None: the whole split
+    iw_samples: int = 32             # k of the importance-sampled -log p(x) at the end of the run; 0: none
+    iw_images: int = 128             # validation images (the first ones) that bound is computed on
     checkpoint_every: int = 250
     resume: bool = False
     force: bool = False
@@ -160,10 +172,19 @@ class TrainConfig:
             positive_int(name.replace("_", "-"), getattr(self, name))
         for name in ("max_steps", "limit", "eval_images", "workers"):
             positive_int(name.replace("_", "-"), getattr(self, name), allow_none=True)
+        positive_int("iw-images", self.iw_images)
+        for name in ("iw_samples", "beta_warmup"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"{name.replace('_', '-')} must be an integer >= 0 (0 turns it off), got {value!r}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}")
         need(math.isfinite(self.beta) and self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-        need(math.isfinite(self.recon_variance) and self.recon_variance > 0,
-             f"recon-variance must be positive, got {self.recon_variance}")
+        if self.recon_variance == "learned":
+            need(self.recon == "gaussian", f"--recon-variance learned needs --recon gaussian (got --recon {self.recon})")
+        else:
+            need(isinstance(self.recon_variance, (int, float)) and math.isfinite(self.recon_variance)
+                 and self.recon_variance > 0, f"recon-variance must be a positive number or 'learned', "
+                 f"got {self.recon_variance!r}")
         halvings = len(PRESETS[self.preset]["channels"])
         m = 2 ** halvings
         near = " or ".join(str(v) for v in (self.image_size // m * m, self.image_size // m * m + m) if v >= max(8, m))
@@ -262,9 +283,11 @@ def load_checkpoint(path) -> dict:
 
 
 def config_differences(stored: dict, requested: dict) -> list:
-    """``"name: stored -> requested"`` for every option in MUST_MATCH on which two training configs differ."""
-    return [f"{k}: {stored.get(k)!r} (checkpoint) vs {requested.get(k)!r} (now)"
-            for k in MUST_MATCH if stored.get(k) != requested.get(k)]
+    """``"name: stored -> requested"`` for every option in MUST_MATCH on which two training configs differ
+    (an option a checkpoint predates counts as its default, which is what that run used)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return [f"{k}: {stored.get(k, defaults[k])!r} (checkpoint) vs {requested.get(k)!r} (now)"
+            for k in MUST_MATCH if stored.get(k, defaults[k]) != requested.get(k)]
 
 
 # ---- logs ----------------------------------------------------------------------------------------------------
@@ -294,6 +317,26 @@ class CsvLog:
         self.file.close()
 
 
+def warmup_beta(step, beta, warmup) -> float:
+    """The KL weight of update ``step`` (1-based): beta (step - 1) / warmup for the first ``warmup`` updates, then beta.
+
+    KL warm-up: the first updates weigh the KL little or not at all, so the encoder learns to carry information
+    before the KL pulls q(z|x) to the prior (the usual remedy for a KL that collapses to zero early).
+    It depends on the step alone, so a resumed run uses the same betas.
+    """
+    return beta if warmup <= 0 else beta * min(1.0, max(step - 1, 0) / warmup)
+
+
+def decoder_variance(model):
+    """The decoder variance s^2 in force (learned or fixed; 1/2 for the squared error), or "" for Bernoulli."""
+    recon = model.recon
+    if hasattr(recon, "current_variance"):
+        return recon.current_variance()
+    if hasattr(recon, "variance"):
+        return recon.variance
+    return 0.5 if recon.name == "sse" else ""
+
+
 def read_csv(path) -> list:
     """The rows of a CSV file as dicts of strings (empty list if the file is missing)."""
     if not os.path.exists(path):
@@ -319,6 +362,54 @@ def evaluate_images(model, images, batch_size, seed) -> dict:
             totals[k] = totals.get(k, 0.0) + v * len(x)
         n += len(x)
     return {k: v / n for k, v in totals.items()}
+
+
+def importance_sampled_images(model, images, k, batch_size, seed):
+    """``VAE.importance_bounds`` over uint8 images in batches: per image, ``({j: L_j}, elbo)`` as float64 arrays.
+
+    Batch i draws its samples from ``rng((seed, IW_STREAM, i))``: every evaluation sees the same noise.
+    """
+    import numpy  # noqa: PLC0415
+    from .data import Batches  # noqa: PLC0415
+
+    bounds, elbos = {}, []
+    for i, x in enumerate(Batches(images, batch_size, shuffle=False, drop_last=False).epoch(0)):
+        b, elbo = model.importance_bounds(x, k, rng=backend.rng((seed, IW_STREAM, i)))
+        for j, v in b.items():
+            bounds.setdefault(j, []).append(v)
+        elbos.append(elbo)
+    return {j: numpy.concatenate(v) for j, v in bounds.items()}, numpy.concatenate(elbos)
+
+
+def write_iw_bounds(path, bounds, elbo) -> None:
+    """Write ``iw_bounds.csv``: per image, -ELBO and -L_k for each k, in nats (atomically)."""
+    ks = sorted(bounds)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "neg_elbo_nats"] + [f"neg_L_{k}" for k in ks])
+        for i in range(len(elbo)):
+            w.writerow([i, repr(-float(elbo[i]))] + [repr(-float(bounds[k][i])) for k in ks])
+    os.replace(tmp, path)
+
+
+def read_iw_bounds(path):
+    """``iw_bounds.csv`` back: ``(ks, -ELBO (n,), -L (n, len(ks)))`` as NumPy arrays, or None if there is none."""
+    import numpy  # noqa: PLC0415
+
+    rows = read_csv(path)
+    if not rows:
+        return None
+    ks = [int(c[len("neg_L_"):]) for c in rows[0] if c.startswith("neg_L_")]
+    neg_elbo = numpy.array([float(r["neg_elbo_nats"]) for r in rows])
+    neg_l = numpy.array([[float(r[f"neg_L_{k}"]) for k in ks] for r in rows])
+    return ks, neg_elbo, neg_l
+
+
+def _mean_bounds(path):
+    # {"k": mean -L_k} and the -ELBO over the images of iw_bounds.csv, for summary.json
+    ks, neg_elbo, neg_l = read_iw_bounds(path)
+    return {"elbo": float(neg_elbo.mean()), **{str(k): float(neg_l[:, j].mean()) for j, k in enumerate(ks)}}
 
 
 # ---- Ctrl-C --------------------------------------------------------------------------------------------------
@@ -394,6 +485,7 @@ def train(config: TrainConfig) -> dict:
     per_epoch = len(batches)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.epochs * per_epoch, cfg.max_steps)
     valid = dataset.valid.images if cfg.eval_images is None else dataset.valid.images[: cfg.eval_images]
+    iw_valid = dataset.valid.images[: cfg.iw_images]
     heldout = backend.to_host(dataset.valid.images[:HELDOUT_IMAGES]).copy()
 
     # --force deletes the old run only now, when the data has loaded: a mistyped option cannot cost a run
@@ -415,7 +507,7 @@ def train(config: TrainConfig) -> dict:
         _say(f"resuming {out} at step {step} (epoch {step // per_epoch + 1}, batch {step % per_epoch})")
     log = CsvLog(out / LOG, LOG_FIELDS, log_rows)
     evals = CsvLog(out / EVAL, EVAL_FIELDS, eval_rows)
-    last_eval = {k: float(v) for k, v in eval_rows[-1].items()} if eval_rows else None
+    last_eval = {k: float(v) if v != "" else None for k, v in eval_rows[-1].items()} if eval_rows else None
     _say(f"model: preset {cfg.preset}, latent {cfg.latent_dim}, {model.num_parameters():,} parameters, "
          f"{backend.device_name()}; {per_epoch} batches of {cfg.batch_size} per epoch, {total} steps")
     if step >= total:
@@ -434,12 +526,27 @@ def train(config: TrainConfig) -> dict:
         return at_step
 
     def evaluate(at_step):
+        model.beta = cfg.beta  # held-out losses at the run's beta, whatever the warm-up (each update sets its own)
         metrics = evaluate_images(model, valid, cfg.batch_size, cfg.seed)
         row = {"step": at_step, "epoch": round(at_step / per_epoch, 4), **metrics}
+        # the importance-sampled -log p(x): k = --iw-samples at the end, a cheap IW_EPOCH_SAMPLES before
+        k = cfg.iw_samples if at_step >= total else min(IW_EPOCH_SAMPLES, cfg.iw_samples)
+        if k:
+            tick = time.perf_counter()
+            bounds, elbo = importance_sampled_images(model, iw_valid, k, cfg.batch_size, cfg.seed)
+            row.update({"iw_k": k, "iw_images": len(elbo), "iw_neg_elbo_nats": -float(elbo.mean()),
+                        "neg_log_px_nats": -float(bounds[k].mean()), "elbo_gap_nats": float((bounds[k] - elbo).mean()),
+                        "iw_seconds": round(time.perf_counter() - tick, 2)})
+            if at_step >= total:
+                write_iw_bounds(out / IW_BOUNDS, bounds, elbo)
         evals.write(row)
         _say(f"step {at_step} (epoch {row['epoch']:g}) held-out: -ELBO {metrics['neg_elbo_nats']:.2f} nats/image "
              f"= {metrics['bits_per_dim']:.4f} bits/dim, recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}, "
              f"MSE {metrics['mse']:.5f}")
+        if k:
+            _say(f"  on {row['iw_images']} of them, {k} samples of q(z|x) each: -log p(x) <= -L_{k} = "
+                 f"{row['neg_log_px_nats']:.2f} nats/image, -ELBO {row['iw_neg_elbo_nats']:.2f}, gap L_{k} - ELBO "
+                 f"{row['elbo_gap_nats']:.2f} ({row['iw_seconds']:.1f} s)")
         return row
 
     loop_start = time.perf_counter()
@@ -457,6 +564,8 @@ def train(config: TrainConfig) -> dict:
                 tick = time.perf_counter()
                 for x in batches.epoch(epoch, start=start):
                     updating = True
+                    model.beta = warmup_beta(step + 1, cfg.beta, cfg.beta_warmup)  # the KL weight of this update
+                    variance = decoder_variance(model)  # s^2 in force for this update (it changes when learned)
                     try:
                         logs = model.train_step(x, optimizer, rng=backend.rng((cfg.seed, NOISE_STREAM, step + 1)))
                     except NonFiniteLossError as e:
@@ -468,7 +577,8 @@ def train(config: TrainConfig) -> dict:
                     updating = False
                     rate = len(x) / max(time.perf_counter() - tick, 1e-9)  # data fetch + update
                     log.write({"step": step, "epoch": epoch + 1, **{k: logs[k] for k in ("recon", "kl", "loss")},
-                               "lr": float(optimizer.lr), "images_per_s": round(rate, 2)})
+                               "lr": float(optimizer.lr), "images_per_s": round(rate, 2), "beta": model.beta,
+                               "decoder_variance": variance})
                     for k, v in (("img/s", rate), ("recon", logs["recon"]), ("kl", logs["kl"])):
                         smooth[k] = v if k not in smooth else 0.9 * smooth[k] + 0.1 * v
                     bar.set_postfix({k: f"{v:.1f}" if k == "img/s" else f"{v:.4g}" for k, v in smooth.items()},
@@ -509,6 +619,7 @@ def train(config: TrainConfig) -> dict:
                "train_seconds_total": round(train_seconds + time.perf_counter() - loop_start, 2),
                "device": backend.device_name(), "data": dataset.source,
                "final_eval": {k: v for k, v in last_eval.items() if k not in ("step", "epoch")},
+               "neg_log_px_by_k": _mean_bounds(out / IW_BOUNDS) if last_eval.get("iw_k") else None,
                "config": dataclasses.asdict(cfg)}
     tmp = out / f"{SUMMARY}.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
