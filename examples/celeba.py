@@ -156,8 +156,9 @@ def main(argv=None) -> int:
           f"{summary['device']}. Held-out -ELBO {ev['neg_elbo_nats']:.2f} nats/image = {ev['bits_per_dim']:.4f} "
           f"bits/dim (recon {ev['recon']:.2f}, KL {ev['kl']:.2f}, per-pixel MSE {ev['mse']:.5f})")
     if ev.get("iw_k"):
+        cost = f", {ev['iw_seconds']:.1f} s" if "iw_seconds" in ev else ""
         print(f"held-out -log p(x) <= -L_{int(ev['iw_k'])} = {ev['neg_log_px_nats']:.2f} nats/image on "
-              f"{int(ev['iw_images'])} images ({int(ev['iw_k'])} importance samples each, {ev['iw_seconds']:.1f} s); "
+              f"{int(ev['iw_images'])} images ({int(ev['iw_k'])} importance samples each{cost}); "
               f"-ELBO there {ev['iw_neg_elbo_nats']:.2f}, gap L_k - ELBO {ev['elbo_gap_nats']:.2f} nats")
     status = draw(Path(config.out))
     print(f"log: {Path(config.out) / 'log.csv'}, {Path(config.out) / 'eval.csv'}; "
