@@ -240,9 +240,10 @@ def plot_decoder_variance(path, rows, num_pixels):
     return path
 
 
-def plot_comparison(runs, path, n=12, ncol=6, seed=0, scale=2):
+def plot_comparison(runs, path, n=12, ncol=6, seed=0, scale=2, colors=None):
     """One figure of several runs side by side: per run (a ``(label, run_dir)`` pair) its samples above held-out
-    images alternating with their reconstructions, titled with its held-out -log p(x) estimate from summary.json.
+    images alternating with their reconstructions, titled with its held-out -log p(x) estimate from summary.json
+    (``colors``: reduce the PNG to that many colours).
     """
     import json  # noqa: PLC0415
 
@@ -278,6 +279,8 @@ def plot_comparison(runs, path, n=12, ncol=6, seed=0, scale=2):
             ax.set_yticks([])
             ax.set_title(f"{label}\n{note}\n{what}" if ax is axes[0, col] else what, fontsize=9)
     fig.savefig(path)
+    if colors:
+        _reduce_colors(path, colors)
     return path
 
 

@@ -135,3 +135,18 @@ def test_decoder_variance_column_for_the_fixed_terms(tmp_path):
     assert {r["beta"] for r in rows(out / "log.csv")} == {"1.0"}
     model = train.build_model(train.TrainConfig(preset="tiny", image_size=16).resolved())
     assert train.decoder_variance(model) == 0.5  # the squared error is the Gaussian decoder with s^2 = 1/2
+
+
+def test_comparison_figure_composes_two_runs(tmp_path):
+    from PIL import Image
+
+    from scratchvae.plots import plot_comparison
+
+    vae_run, prior_run = tmp_path / "vae", tmp_path / "prior"
+    assert run(vae_run, "--epochs", 1, "--iw-samples", 4) == 0
+    assert run(prior_run, "--epochs", 1, "--objective", "prior-mc", "--iw-samples", 4) == 0
+    one = plot_comparison([("VAE", vae_run)], tmp_path / "one.png", colors=32)
+    two = plot_comparison([("VAE", vae_run), ("prior MC", prior_run)], tmp_path / "two.png")
+    with Image.open(one) as a, Image.open(two) as b:
+        assert b.size[0] > 1.8 * a.size[0] and b.size[1] == a.size[1]
+        assert len(a.convert("RGB").getcolors(1 << 16)) <= 32
