@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from scratchvae import backend
+from scratchvae.data import RESAMPLE, RESAMPLE_FILTERS
 from scratchvae.train import DEFAULTS, FIGURES, ConfigError, TrainConfig, TrainingStopped, train
 from scratchvae.vae import PRESETS, RECONSTRUCTIONS
 
@@ -55,6 +56,8 @@ def build_parser():
     d.add_argument("--data", metavar="PATH", help="CelebA: folder of img_align_celeba JPEGs, img_align_celeba.zip, "
                    "or torchvision's root (default: the built-in synthetic faces)")
     d.add_argument("--image-size", type=positive_int, default=64, metavar="N", help="side of the square images in pixels (default 64)")
+    d.add_argument("--resample", choices=list(RESAMPLE_FILTERS), default=RESAMPLE, help="filter resizing CelebA's "
+                   "148x148 centre crop (default bilinear, as torchvision's Resize; lanczos was the default before)")
     d.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N images (quick runs)")
     d.add_argument("--workers", type=positive_int, metavar="N", help="processes decoding CelebA into the cache on "
                    "the first run (default: one per core)")
@@ -105,9 +108,9 @@ def build_parser():
 def config_from_args(args) -> TrainConfig:
     """The TrainConfig the parsed options describe."""
     return TrainConfig(
-        data=args.data, out=args.out, image_size=args.image_size, preset=args.preset, latent_dim=args.latent_dim,
-        recon=args.recon, recon_variance=args.recon_variance, beta=args.beta, beta_warmup=args.beta_warmup,
-        mc_samples=args.mc_samples, iw_samples=args.iw_samples, iw_images=args.iw_images,
+        data=args.data, out=args.out, image_size=args.image_size, resample=args.resample, preset=args.preset,
+        latent_dim=args.latent_dim, recon=args.recon, recon_variance=args.recon_variance, beta=args.beta,
+        beta_warmup=args.beta_warmup, mc_samples=args.mc_samples, iw_samples=args.iw_samples, iw_images=args.iw_images,
         objective=args.objective, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, max_steps=args.max_steps, limit=args.limit, eval_images=args.eval_images,
         checkpoint_every=args.checkpoint_every, resume=args.resume, force=args.force, workers=args.workers,

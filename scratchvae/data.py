@@ -6,8 +6,10 @@ layout ``path/celeba/{img_align_celeba/, list_eval_partition.txt}``. With ``list
 official split is used; without it the images, sorted by file name, are split 80/10/10 into train, valid
 and test (the official split has the same shape: contiguous in file name, about 80/10/10).
 
-Preprocessing, as the common CelebA-64 pipelines do: a 148x148 centre crop of the 178x218 image, then a
-resize to ``image_size`` with Pillow's antialiasing (Lanczos) filter.
+Preprocessing, as the common CelebA-64 pipelines do it (torchvision's ``CenterCrop(148)`` then
+``Resize(64)`` on PIL images, as in PyTorch-VAE): a 148x148 centre crop of the 178x218 image, then a resize
+to ``image_size`` with Pillow's antialiased bilinear filter, which is what ``Resize`` calls on a PIL image.
+``resample`` picks another of Pillow's filters (``RESAMPLE_FILTERS``); the cache is kept per filter.
 
 The cache. Decoding a JPEG costs about a millisecond; an epoch over 200k images would spend minutes on it.
 So every image is decoded once, in parallel, into one uint8 file of shape (N, 3, H, W) that later runs
@@ -49,7 +51,7 @@ from .faces import FACTOR_NAMES, render_faces, sample_factors, synthetic_faces
 
 __all__ = [
     "DataError", "ImageArray", "Dataset", "CelebA", "Batches", "load_celeba", "load_synthetic",
-    "scan_celeba", "preprocess", "decode_image", "as_batch", "keep_on_device", "default_cache_dir",
+    "scan_celeba", "preprocess", "decode_image", "as_batch", "keep_on_device", "default_cache_dir", "RESAMPLE_FILTERS",
     "synthetic_faces", "render_faces", "sample_factors", "FACTOR_NAMES", "SYNTHETIC_NOTICE",
 ]
 
@@ -57,7 +59,11 @@ log = logging.getLogger(__name__)
 
 CELEBA_SIZE = (178, 218)  # (width, height) of every aligned CelebA image
 CROP = 148  # side of the centre crop the common CelebA-64 pipelines take
-RESAMPLE = Image.Resampling.LANCZOS  # Pillow's antialiasing filter (``Image.ANTIALIAS`` was its old name)
+RESAMPLE_FILTERS = {  # --resample's names for Pillow's filters; all but nearest are antialiased when shrinking
+    "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+    "hamming": Image.Resampling.HAMMING, "box": Image.Resampling.BOX, "nearest": Image.Resampling.NEAREST,
+}
+RESAMPLE = "bilinear"  # torchvision's Resize default, which calls Pillow's img.resize(size, BILINEAR) on PIL images
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PARTITION_FILES = ("list_eval_partition.txt", "list_eval_partition.csv")  # official / Kaggle's copy
 SPLITS = ("train", "valid", "test")
@@ -152,25 +158,33 @@ def draft_scale(image_size: int, crop: int = CROP) -> int:
     return max(s for s in (1, 2, 4, 8) if crop // s >= image_size)
 
 
-def preprocess(img: Image.Image, image_size: int = 64, draft: bool = False) -> np.ndarray:
-    """Centre-crop 148x148 and resize to ``image_size`` with Lanczos: uint8 ``(3, image_size, image_size)``.
+def resample_filter(resample: str) -> Image.Resampling:
+    """Pillow's filter for a ``RESAMPLE_FILTERS`` name; a DataError naming the choices otherwise."""
+    if resample not in RESAMPLE_FILTERS:
+        raise DataError(f"unknown resample filter {resample!r}; choose one of {', '.join(RESAMPLE_FILTERS)}")
+    return RESAMPLE_FILTERS[resample]
+
+
+def preprocess(img: Image.Image, image_size: int = 64, draft: bool = False, resample: str = RESAMPLE) -> np.ndarray:
+    """Centre-crop 148x148 and resize to ``image_size`` with the ``resample`` filter (default bilinear, as
+    torchvision's ``CenterCrop(148)``, ``Resize(image_size)`` do on a PIL image): uint8 ``(3, size, size)``.
 
     ``draft=True`` lets the JPEG decoder work at a reduced scale first. That is about twice as fast but
     not equal to a full decode: on the real CelebA sample at 64 px only ~69% of values stay within one
-    grey level (mean |difference| ~1.5, some edge pixels up to ~40), so it is off by default.
+    grey level (mean |difference| ~1.4, some edge pixels up to ~40), so it is off by default.
     """
-    size = img.size
+    size, filt = img.size, resample_filter(resample)
     if draft and img.format == "JPEG" and (scale := draft_scale(image_size)) > 1:
         img.draft("RGB", (-(-size[0] // scale), -(-size[1] // scale)))
         k = img.size[0] / size[0]
         # At reduced scale the crop box falls between pixels: resize reads the fractional region directly.
         box = tuple(c * k for c in crop_box(size))
         img = img.convert("RGB") if img.mode != "RGB" else img
-        out = img.resize((image_size, image_size), RESAMPLE, box=box)
+        out = img.resize((image_size, image_size), filt, box=box)
     else:
         img = img.convert("RGB") if img.mode != "RGB" else img
         # Crop first, then resize: resize(box=...) would let the filter read pixels outside the crop.
-        out = img.crop(crop_box(size)).resize((image_size, image_size), RESAMPLE)
+        out = img.crop(crop_box(size)).resize((image_size, image_size), filt)
     return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
 
 
@@ -178,7 +192,7 @@ class SkipImage(Exception):
     """An image that cannot be used; the message says why and what to do."""
 
 
-def decode_image(fp, image_size: int = 64, draft: bool = False) -> np.ndarray:
+def decode_image(fp, image_size: int = 64, draft: bool = False, resample: str = RESAMPLE) -> np.ndarray:
     """Decode one aligned CelebA image (a path or a binary file) into uint8 ``(3, H, W)``.
 
     Raises ``SkipImage`` for a file that is not a readable image, or not 178x218.
@@ -190,7 +204,7 @@ def decode_image(fp, image_size: int = 64, draft: bool = False) -> np.ndarray:
                     f"is {img.size[0]}x{img.size[1]} pixels, not the {CELEBA_SIZE[0]}x{CELEBA_SIZE[1]} of aligned "
                     "CelebA (img_align_celeba); remove it, or use the aligned images rather than img_celeba"
                 )
-            return preprocess(img, image_size, draft)
+            return preprocess(img, image_size, draft, resample)
     except SkipImage:
         raise
     except Exception as e:  # noqa: BLE001  (Pillow raises OSError, SyntaxError, ValueError... on bad files)
@@ -425,20 +439,21 @@ def default_cache_dir(root) -> Path:
     return data_dir / ".scratchvae-cache" if _writable(data_dir) else user_cache_dir()
 
 
-def _cache_key(listing: Listing, order: np.ndarray, image_size: int, draft: bool) -> str:
+def _cache_key(listing: Listing, order: np.ndarray, image_size: int, draft: bool, resample: str) -> str:
     """A digest of everything the cached pixels depend on: file list, file stamps, split, preprocessing."""
     h = hashlib.sha256()
     params = dict(version=CACHE_VERSION, kind=listing.kind, size=image_size, crop=CROP, celeba=CELEBA_SIZE,
-                  resample=RESAMPLE.name, draft=bool(draft), pillow=Image.__version__.split(".")[0])
+                  resample=RESAMPLE_FILTERS[resample].name, draft=bool(draft), pillow=Image.__version__.split(".")[0])
     h.update(json.dumps(params, sort_keys=True).encode())
     m, st, lab = listing.members, listing.stamps, listing.labels
     h.update("".join(f"{m[i]}\t{st[i]}\t{lab[i]}\n" for i in order).encode())
     return h.hexdigest()
 
 
-def _cache_paths(cache_dir: Path, listing: Listing, image_size: int, draft: bool) -> tuple:
+def _cache_paths(cache_dir: Path, listing: Listing, image_size: int, draft: bool, resample: str) -> tuple:
+    # one cache per filter, so that switching --resample back and forth does not rebuild each time
     src = hashlib.sha1(str(listing.root.resolve()).encode()).hexdigest()[:10]
-    stem = f"celeba-{image_size}px-{len(listing.names)}img-{src}{'-draft' if draft else ''}"
+    stem = f"celeba-{image_size}px-{len(listing.names)}img-{src}-{resample}{'-draft' if draft else ''}"
     return cache_dir / f"{stem}.u8", cache_dir / f"{stem}.json"
 
 
@@ -462,8 +477,8 @@ def _open_cache(data_path: Path, meta_path: Path, key: str):
 _WORKER = {}  # per process: the decoder's source and the memory map being filled
 
 
-def _init_worker(kind: str, root: str, tmp: str, shape: tuple, image_size: int, draft: bool) -> None:
-    _WORKER.update(kind=kind, root=root, size=image_size, draft=draft,
+def _init_worker(kind: str, root: str, tmp: str, shape: tuple, image_size: int, draft: bool, resample: str) -> None:
+    _WORKER.update(kind=kind, root=root, size=image_size, draft=draft, resample=resample,
                    zip=zipfile.ZipFile(root) if kind == "zip" else None,
                    mm=np.memmap(tmp, np.uint8, "r+", shape=shape))
 
@@ -474,7 +489,7 @@ def _decode_rows(start: int, members: list) -> list:
     for row, member in enumerate(members, start):
         try:
             fp = io.BytesIO(w["zip"].read(member)) if w["zip"] is not None else os.path.join(w["root"], member)
-            w["mm"][row] = decode_image(fp, w["size"], w["draft"])
+            w["mm"][row] = decode_image(fp, w["size"], w["draft"], w["resample"])
         except SkipImage as e:
             bad.append((row, member, str(e)))
         except Exception as e:  # noqa: BLE001  (a damaged zip entry: skip it, as a corrupt file)
@@ -499,7 +514,7 @@ def _auto_workers(n: int) -> int:
     return max(1, min(cores, -(-n // 256)))  # starting a process costs more than decoding ~256 images
 
 
-def _build_cache(listing, order, image_size, draft, data_path, meta_path, key, workers, progress) -> dict:
+def _build_cache(listing, order, image_size, draft, resample, data_path, meta_path, key, workers, progress) -> dict:
     """Decode every image once into ``data_path`` (atomically) and write ``meta_path`` last; return the metadata."""
     from tqdm.auto import tqdm  # noqa: PLC0415  (only a build needs it)
 
@@ -527,8 +542,8 @@ def _build_cache(listing, order, image_size, draft, data_path, meta_path, key, w
     try:
         with open(tmp, "wb") as fh:
             fh.truncate(n * row)
-        initargs = (listing.kind, str(listing.root), str(tmp), shape, image_size, draft)
-        desc = f"caching {listing.root.name} at {image_size}px"
+        initargs = (listing.kind, str(listing.root), str(tmp), shape, image_size, draft, resample)
+        desc = f"caching {listing.root.name} at {image_size}px ({resample})"
         with tqdm(total=n, unit="img", desc=desc, disable=not progress, smoothing=0.05) as bar:
             if workers == 1:
                 _init_worker(*initargs)
@@ -572,7 +587,7 @@ def _build_cache(listing, order, image_size, draft, data_path, meta_path, key, w
     kept_order = order[keep]
     meta = dict(
         version=CACHE_VERSION, key=key, shape=[kept, 3, image_size, image_size], source=str(listing.root),
-        kind=listing.kind, image_size=image_size, crop=CROP, resample=RESAMPLE.name, draft=bool(draft),
+        kind=listing.kind, image_size=image_size, crop=CROP, resample=resample, draft=bool(draft),
         names=[listing.names[i] for i in kept_order], labels=listing.labels[kept_order].tolist(),
         skipped=[[m, why] for _, m, why in sorted(bad)], split_from=listing.split_from,
         seconds=round(seconds, 2), workers=workers,
@@ -624,24 +639,26 @@ def _splits(images, meta) -> tuple:
 
 
 def load_celeba(path, image_size: int = 64, cache_dir=None, limit: int | None = None, workers: int | None = None,
-                progress: bool = True, draft: bool = False) -> Dataset:
+                progress: bool = True, draft: bool = False, resample: str = RESAMPLE) -> Dataset:
     """CelebA at ``path`` as memory-mapped uint8 train/valid/test splits, building the cache on first use.
 
     ``limit`` keeps the first N images by file name (quick runs); ``workers`` processes build the cache
-    (default: one per core); ``cache_dir`` defaults to ``default_cache_dir``; ``draft`` see ``preprocess``.
+    (default: one per core); ``cache_dir`` defaults to ``default_cache_dir``; ``draft`` and ``resample``
+    (a ``RESAMPLE_FILTERS`` name, default bilinear) see ``preprocess``.
     """
     image_size = _check_image_size(image_size)
+    resample_filter(resample)  # an unknown name fails before any listing or decoding
     listing = scan_celeba(path, limit)
     # Cache rows go by split then file name, so each split is one contiguous slice of the memory map.
     order = np.argsort(listing.labels, kind="stable")
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(listing.root)
-    data_path, meta_path = _cache_paths(cache_dir, listing, image_size, draft)
-    key = _cache_key(listing, order, image_size, draft)
+    data_path, meta_path = _cache_paths(cache_dir, listing, image_size, draft, resample)
+    key = _cache_key(listing, order, image_size, draft, resample)
     opened, why = _open_cache(data_path, meta_path, key)
     built = opened is None
     if built:
         log.info("building the image cache %s: %s", data_path, why)
-        _build_cache(listing, order, image_size, draft, data_path, meta_path, key, workers, progress)
+        _build_cache(listing, order, image_size, draft, resample, data_path, meta_path, key, workers, progress)
         opened, why = _open_cache(data_path, meta_path, key)
         if opened is None:
             raise DataError(f"the cache {data_path} just built cannot be opened ({why}); delete {cache_dir}, retry")
@@ -660,7 +677,7 @@ def load_celeba(path, image_size: int = 64, cache_dir=None, limit: int | None = 
     for m in messages:
         log.warning("%s", m)
     source = (
-        f"CelebA {listing.kind} {listing.root} at {image_size}x{image_size}: {len(images):,} images, "
+        f"CelebA {listing.kind} {listing.root} at {image_size}x{image_size} ({resample}): {len(images):,} images, "
         f"{meta['split_from']}"
     )
     return Dataset(train, valid, test, source, image_size, messages=messages, cache_path=data_path,

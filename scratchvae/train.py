@@ -71,8 +71,11 @@ DEFAULTS = {  # per data source: (preset, epochs, batch size)
 
 # Options that must be equal to resume a run: they change the model, the data or the order of the
 # batches. The others (epochs, max_steps, lr, device, checkpoint_every, ...) may change on resume.
-MUST_MATCH = ("data", "limit", "image_size", "preset", "latent_dim", "recon", "recon_variance", "beta",
+MUST_MATCH = ("data", "limit", "image_size", "resample", "preset", "latent_dim", "recon", "recon_variance", "beta",
               "beta_warmup", "mc_samples", "objective", "seed", "batch_size")
+# What a checkpoint written before an option existed was made with (CelebA was resized with Lanczos then;
+# no run had a KL warm-up).
+BEFORE_OPTION = {"resample": "lanczos", "beta_warmup": 0}
 
 
 class ConfigError(ValueError):
@@ -108,6 +111,7 @@ class TrainConfig:
     data: str | None = None          # CelebA location; None: the built-in synthetic faces
     out: str = "runs/celeba"
     image_size: int = 64
+    resample: str = "bilinear"       # CelebA's resize filter (data.RESAMPLE_FILTERS); the built-in faces have none
     preset: str | None = None        # 'small' on the built-in faces, 'default' on CelebA
     latent_dim: int | None = None    # None: the preset's
     recon: str = "sse"
@@ -167,6 +171,10 @@ class TrainConfig:
         need(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         need(self.recon in RECONSTRUCTIONS, f"unknown recon {self.recon!r}; choose one of {', '.join(RECONSTRUCTIONS)}")
         need(self.objective in ("elbo", "prior-mc"), f"objective must be 'elbo' or 'prior-mc', got {self.objective!r}")
+        from .data import RESAMPLE_FILTERS  # noqa: PLC0415  (Pillow's filters; data loads Pillow)
+
+        need(self.resample in RESAMPLE_FILTERS,
+             f"unknown resample filter {self.resample!r}; choose one of {', '.join(RESAMPLE_FILTERS)}")
         need(self.device in backend.DEVICES, f"device must be one of {', '.join(backend.DEVICES)}, got {self.device!r}")
         for name in ("image_size", "epochs", "batch_size", "mc_samples", "latent_dim", "checkpoint_every"):
             positive_int(name.replace("_", "-"), getattr(self, name))
@@ -236,7 +244,7 @@ def load_data(cfg: TrainConfig):
 
     if cfg.data is not None:
         return data.load_celeba(cfg.data, image_size=cfg.image_size, cache_dir=cfg.cache_dir, limit=cfg.limit,
-                                workers=cfg.workers, progress=cfg.progress)
+                                workers=cfg.workers, progress=cfg.progress, resample=cfg.resample)
     n_train = cfg.limit or SYNTHETIC_TRAIN
     # with --limit, hold out an eighth as many faces (at least 8), so a quick run evaluates quickly too
     n_valid = SYNTHETIC_VALID if cfg.limit is None else min(SYNTHETIC_VALID, max(8, cfg.limit // 8))
@@ -283,11 +291,14 @@ def load_checkpoint(path) -> dict:
 
 
 def config_differences(stored: dict, requested: dict) -> list:
-    """``"name: stored -> requested"`` for every option in MUST_MATCH on which two training configs differ
-    (an option a checkpoint predates counts as its default, which is what that run used)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return [f"{k}: {stored.get(k, defaults[k])!r} (checkpoint) vs {requested.get(k)!r} (now)"
-            for k in MUST_MATCH if stored.get(k, defaults[k]) != requested.get(k)]
+    """``"name: stored -> requested"`` for every option in MUST_MATCH on which two training configs differ."""
+    def value(config, k):
+        if k == "resample" and config.get("data") is None:
+            return None  # the built-in faces are drawn at their size: no filter touches them
+        return config.get(k, BEFORE_OPTION.get(k))
+
+    return [f"{k}: {value(stored, k)!r} (checkpoint) vs {value(requested, k)!r} (now)"
+            for k in MUST_MATCH if value(stored, k) != value(requested, k)]
 
 
 # ---- logs ----------------------------------------------------------------------------------------------------
