@@ -51,7 +51,8 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="celeba.py", description="Train a from-scratch VAE on faces: progress, loss curves, reconstructions, "
         "samples, checkpoints, resume, held-out evaluation.",
-        epilog="Outputs (in --out): log.csv, eval.csv, checkpoint.npz, summary.json, " + ", ".join(FIGURES) + ".")
+        epilog="Outputs (in --out): log.csv, eval.csv, iw_bounds.csv, checkpoint.npz, summary.json, "
+        + ", ".join(FIGURES) + " (and decoder_variance.png with --recon-variance learned).")
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="PATH", help="CelebA: folder of img_align_celeba JPEGs, img_align_celeba.zip, "
                    "or torchvision's root (default: the built-in synthetic faces)")

@@ -51,8 +51,10 @@ EVAL = "eval.csv"
 SUMMARY = "summary.json"
 IW_BOUNDS = "iw_bounds.csv"
 FIGURES = ("vae_mse.png", "vae_kld.png", "vae_recons.png", "samples.png", "interpolation.png", "traversal.png",
-           "elbo_gap.png", "decoder_variance.png")
-OUTPUTS = (CHECKPOINT, LOG, EVAL, SUMMARY, IW_BOUNDS) + FIGURES  # what a run writes, so --force deletes nothing else
+           "elbo_gap.png")  # elbo_gap.png unless --iw-samples 0
+LEARNED_VARIANCE_FIGURE = "decoder_variance.png"  # only with --recon-variance learned
+OUTPUTS = (CHECKPOINT, LOG, EVAL, SUMMARY, IW_BOUNDS) + FIGURES  # what a run writes (iw_bounds.csv unless --iw-samples 0)
+RUN_FILES = OUTPUTS + (LEARNED_VARIANCE_FIGURE,)  # what --force may delete: a run's own files, nothing else
 LOG_FIELDS = ("step", "epoch", "recon", "kl", "loss", "lr", "images_per_s", "beta", "decoder_variance")
 EVAL_FIELDS = ("step", "epoch", "neg_elbo_nats", "bits_per_dim", "recon", "kl", "loss", "mse",
                "iw_k", "iw_images", "iw_neg_elbo_nats", "neg_log_px_nats", "elbo_gap_nats")
@@ -212,7 +214,7 @@ class TrainConfig:
 def prepare_out_dir(out, resume=False, force=False, clear=True) -> Path:
     """Make the run folder ready: refuse to touch a non-empty one unless resuming or forced; returns its Path.
 
-    ``force`` deletes only the files a run writes (``OUTPUTS``), never anything else found there; with
+    ``force`` deletes only the files a run writes (``RUN_FILES``), never anything else found there; with
     ``clear=False`` nothing is deleted or created, the folder is only checked.
     """
     out = Path(out)
@@ -230,7 +232,7 @@ def prepare_out_dir(out, resume=False, force=False, clear=True) -> Path:
                           "overwrite its outputs, or --out DIR for a new folder")
     if clear:
         for name in present:
-            if name in OUTPUTS or name.startswith(CHECKPOINT + ".tmp"):
+            if name in RUN_FILES or name.startswith(CHECKPOINT + ".tmp"):
                 (out / name).unlink()
         out.mkdir(parents=True, exist_ok=True)
     return out

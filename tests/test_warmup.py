@@ -111,6 +111,8 @@ def test_learned_variance_is_logged_drawn_and_resumed(tmp_path):
     assert run(parts, *args, "--max-steps", 7) == 0
     assert run(parts, *args, "--resume") == 0
     assert losses(parts) == losses(whole)  # s^2 itself continues exactly: it is in the checkpoint
+    assert run(whole, "--epochs", 1, "--force") == 0  # a fixed-variance run over it: no stale figure of s^2 left
+    assert not (whole / "decoder_variance.png").exists()
 
 
 @pytest.mark.parametrize("args, says", [
