@@ -194,7 +194,7 @@ def plot_elbo_gap(path, ks, neg_elbo, neg_l, title_note=""):
     below = neg_elbo[:, None] - neg_l  # L_k - ELBO per image
     err = below.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(len(ks))
     ax.errorbar(ks, neg_l.mean(axis=0), yerr=err, fmt="o-", color="tab:blue", capsize=3,
-                label="-L_k (importance-sampled bound on -log p(x));\nbars: standard error of L_k - ELBO")
+                label="-L_k, importance-sampled bound on -log p(x)\n(bars: standard error of L_k - ELBO)")
     ax.axhline(neg_elbo.mean(), color="tab:orange", linestyle="--", label=f"-ELBO {neg_elbo.mean():,.2f}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
@@ -203,7 +203,7 @@ def plot_elbo_gap(path, ks, neg_elbo, neg_l, title_note=""):
     ax.set_ylabel("nats per image (mean over images)")
     ax.set_title(f"-L_k falls from the -ELBO toward -log p(x) ({n} held-out images){title_note}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="center right")
+    ax.legend(loc="upper right")
     gap = neg_elbo - neg_l[:, -1]
     hist.hist(gap, bins=max(5, min(40, n // 4)), color="tab:blue", alpha=0.7)
     hist.axvline(gap.mean(), color="k", linestyle="--", label=f"mean {gap.mean():.2f} nats")
