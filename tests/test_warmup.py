@@ -152,3 +152,18 @@ def test_comparison_figure_composes_two_runs(tmp_path):
     with Image.open(one) as a, Image.open(two) as b:
         assert b.size[0] > 1.8 * a.size[0] and b.size[1] == a.size[1]
         assert len(a.convert("RGB").getcolors(1 << 16)) <= 32
+
+
+def test_learned_variance_warmup_and_bound_keep_arrays_on_the_device(tmp_path, monkeypatch):
+    """Under the stand-in for CuPy (device arrays that refuse to mix with host arrays), as on a GPU."""
+    from strict_device import use_strict_device
+
+    from scratchvae.plots import plot_run
+    with use_strict_device() as strict:
+        monkeypatch.setattr(backend, "set_device", lambda device: strict)
+        summary = train.train(train.TrainConfig(
+            out=str(tmp_path / "run"), preset="tiny", image_size=16, limit=32, batch_size=8, epochs=1, progress=False,
+            recon="gaussian", recon_variance="learned", beta_warmup=3, iw_samples=6))
+        plot_run(tmp_path / "run")
+    assert summary["device"] == "gpu" and summary["final_eval"]["iw_k"] == 6
+    assert (tmp_path / "run" / "decoder_variance.png").is_file() and (tmp_path / "run" / "elbo_gap.png").is_file()
