@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     backend.get_xp()
 
     print(f"data: {args.data}   image size {args.image_size}   device {backend.device_name()}")
-    print("\n== cache build (decode + crop + Lanczos resize + write), fresh cache each time")
+    print("\n== cache build (decode + crop + bilinear resize + write), fresh cache each time")
     print(f"  (load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; other work slows the wall figures)")
     for w in args.workers:
         seconds, cpu, n = bench_build(args.data, args.image_size, w, args.limit)

@@ -2,8 +2,10 @@
 
     python benchmarks/bench_train.py            # full run: default and small presets, batch 64 and 128
     python benchmarks/bench_train.py --quick    # fewer steps, batch 64 only
+    python benchmarks/bench_train.py --reference   # also the reference engine (the textbook layers)
 
-Prints, for every framework, preset and batch size: images/s of a whole training step (forward, backward,
+Prints, for every framework (scratchvae's fast engine, its reference engine with ``--reference``, PyTorch),
+preset and batch size: images/s of a whole training step (forward, backward,
 Adam), the step time and the peak memory; the ratio scratchvae / PyTorch where PyTorch is installed (it is
 not a dependency: without it that part is skipped with a line saying so); a per-layer forward/backward
 breakdown of each preset at batch 64 (scratchvae and PyTorch side by side); and the time to
@@ -50,6 +52,8 @@ def parse_args(argv=None):
                    help="which devices to time (default both, the GPU where one is usable); "
                         "--devices gpu skips the CPU runs, for a GPU machine lent for a short time")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
+    p.add_argument("--reference", action="store_true", help="also time scratchvae's reference engine (the textbook "
+                   "layers), to show what the fast engine's tricks buy")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
     p.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "PRESET", "BATCH"), help=argparse.SUPPRESS)
     p.add_argument("--layers", action="store_true", help=argparse.SUPPRESS)
@@ -123,19 +127,18 @@ PRESETS = {"default": ((32, 64, 128, 256, 512), 128), "small": ((16, 32, 64, 128
 SMALL_BATCH = 2
 
 
-def scratchvae_worker(device, preset, batch, args):
+def scratchvae_worker(device, preset, batch, args, engine="fast"):
     """images/s, step times and peak memory of ``VAE.train_step`` (and the per-layer split with --layers)."""
     import numpy  # noqa: PLC0415
 
     from scratchvae import backend  # noqa: PLC0415
-    from scratchvae.optim import Adam  # noqa: PLC0415
     from scratchvae.train import NOISE_STREAM  # noqa: PLC0415
     from scratchvae.vae import VAE  # noqa: PLC0415
 
     xp = backend.set_device(device)
     base_rss = peak_rss_mb()
-    model = VAE(image_size=64, preset=preset)
-    optimizer = Adam(model, lr=1e-3)
+    model = VAE(image_size=64, preset=preset, engine=engine)
+    optimizer = model.make_optimizer(lr=1e-3)
     images = numpy.random.default_rng(0).integers(0, 256, (batch, 3, 64, 64), dtype=numpy.uint8)
     x = backend.to_device(images, numpy.float32) / 255
     sync = xp.cuda.Device().synchronize if device == "gpu" else (lambda: None)
@@ -155,8 +158,7 @@ def scratchvae_worker(device, preset, batch, args):
 
             def forward_backward():
                 model.zero_grad()
-                with model.recycling_outputs():
-                    model.forward_backward(x, eps=eps)
+                model.forward_backward(x, eps=eps)
             out["issue_s"] = issue_times(forward_backward, sync, args.steps)
     if timers is not None:
         out["layers"] = {name: [t / args.steps * 1e3 for t in fb] for name, fb in timers.items()}
@@ -280,8 +282,10 @@ def torch_layer_times(model, x, eps, sync, repeats):
 def worker_main(args):
     framework, preset, batch = args.worker[0], args.worker[1], int(args.worker[2])
     kind, _, device = framework.partition("-")
-    run = torch_worker if kind == "torch" else scratchvae_worker
-    result = run(device, preset, batch, args)
+    if kind == "torch":
+        result = torch_worker(device, preset, batch, args)
+    else:  # scratchvae (the fast engine) or reference
+        result = scratchvae_worker(device, preset, batch, args, engine="reference" if kind == "reference" else "fast")
     print("RESULT " + json.dumps(result))
 
 
@@ -390,7 +394,8 @@ def paired_ratios(a, b):
 
 
 def print_ratios(results, pairs, args):
-    print("\n== Ratio scratchvae / PyTorch (images/s; >= 1.0 means scratchvae is at least as fast) ==")
+    print("\n== Ratio scratchvae (the fast engine) / the other (images/s; >= 1.0 means the fast engine is at least as "
+          "fast) ==")
     for ours, theirs in pairs:
         for preset in args.presets:
             for batch in args.batches:
@@ -533,7 +538,7 @@ def main(argv=None):
     if not devices:
         print("  nothing to time: --devices gpu, but no GPU is usable")
         return 1
-    frameworks = [f"scratchvae-{d}" for d in devices]
+    frameworks = [f"scratchvae-{d}" for d in devices] + ([f"reference-{d}" for d in devices] if args.reference else [])
     if args.no_torch:
         print("  PyTorch: skipped (--no-torch)")
     elif torch_available():
@@ -560,7 +565,8 @@ def main(argv=None):
                 results[(fw, preset, batch)] = merge_rounds(runs[fw])
 
     print_throughput(results, frameworks, args)
-    pairs = [(o, t) for o, t in (("scratchvae-cpu", "torch-cpu"), ("scratchvae-gpu", "torch-gpu"))
+    pairs = [(o, t) for o, t in (("scratchvae-cpu", "torch-cpu"), ("scratchvae-gpu", "torch-gpu"),
+                                 ("scratchvae-cpu", "reference-cpu"), ("scratchvae-gpu", "reference-gpu"))
              if o in frameworks and t in frameworks]
     if pairs:
         print_ratios(results, pairs, args)

@@ -8,7 +8,7 @@ time on each; for the small layers of this VAE that can outweigh the GPU's arith
 GPU: the step runs on the tests' stand-in device (``tests/strict_device.py``: NumPy arrays that take the
 code's device branches, as CuPy arrays do), and every ufunc call, NumPy function, assignment into an array,
 filled constructor (zeros, ones, full), ``ascontiguousarray``, ``astype`` or ``reshape`` that copies, ``copy``,
-and call of a user-defined kernel (``scratchvae.kernels``) or of a fused formula (``backend.fused``) is counted once, attributed to the innermost layer
+and call of a user-defined kernel (``scratchvae.fast.kernels``) or of a fused formula (``backend.fused``) is counted once, attributed to the innermost layer
 running, and so is each operand (or output) of a matrix product that CuPy copies first because it is neither
 C- nor F-contiguous. It is a lower bound on launches: CuPy runs some operations (einsum, a matrix product's
 setup) as several kernels, and allocations are not counted.
@@ -29,7 +29,7 @@ import standin_kernels  # noqa: E402
 import strict_device  # noqa: E402
 
 from scratchvae import layers, vae  # noqa: E402
-from scratchvae.optim import Adam  # noqa: E402
+from scratchvae.optim import Optimizer  # noqa: E402
 from scratchvae.vae import VAE  # noqa: E402
 
 
@@ -54,7 +54,7 @@ class Counter:
             if isinstance(obj, layers.Module) and not isinstance(obj, (layers.Sequential, VAE)):
                 owner = type(obj).__name__
                 break
-            if isinstance(obj, Adam):
+            if isinstance(obj, Optimizer):
                 owner = "Adam"
                 break
             frame = frame.f_back
@@ -124,14 +124,14 @@ def install(counter):
             setattr(vae, name, fused_call)
 
 
-def count(preset, batch, counter, steps=1):
+def count(preset, batch, counter, steps=1, engine="fast"):
     """Operations in one training step of ``preset`` (after two warm-up steps), noted in ``counter``
     (installed with ``install``), which is emptied first."""
     counter.by_owner.clear()
     counter.by_line.clear()
     with strict_device.use_strict_device() as dev:
-        model = VAE(image_size=64, preset=preset)
-        optimizer = Adam(model, lr=1e-3)
+        model = VAE(image_size=64, preset=preset, engine=engine)
+        optimizer = model.make_optimizer(lr=1e-3)
         x = dev.asarray(numpy.random.default_rng(0).random((batch, 3, 64, 64), dtype=numpy.float32))
         for _ in range(2):
             model.train_step(x, optimizer)
@@ -146,11 +146,13 @@ def main(argv=None):
     p.add_argument("--presets", nargs="+", default=["default", "small"])
     p.add_argument("--batch", type=int, default=4, help="images per step (the count does not depend on it)")
     p.add_argument("--by-line", action="store_true", help="also list the source lines that issue the most")
+    p.add_argument("--engine", choices=("fast", "reference"), default="fast",
+                   help="which engine's step to count (the reference's shows what the fast engine's kernels save)")
     args = p.parse_args(argv)
     counter = Counter()
     install(counter)
     for preset in args.presets:
-        count(preset, args.batch, counter)
+        count(preset, args.batch, counter, engine=args.engine)
         total = sum(counter.by_owner.values())
         print(f"\n{preset} preset: {total} array operations per training step on the GPU code path")
         print("| where | operations |\n|---|---:|")

@@ -39,7 +39,7 @@ from bench_train import time_steps  # noqa: E402
 
 from scratchvae import backend  # noqa: E402
 from scratchvae.backend import array_module  # noqa: E402
-from scratchvae.optim import Adam  # noqa: E402
+from scratchvae.fast.workspace import flat_parameters  # noqa: E402
 from scratchvae.vae import VAE  # noqa: E402
 
 
@@ -82,7 +82,7 @@ class GraphStep:
         self.graph, self.scalars = capture(xp, lambda: gradients(model, x, eps))
         model.restore_buffers(saved)
         # every array made before the graph that it writes into or reads, kept alive with it (see above)
-        KEEP_ALIVE.append((model._flat, [dict(m._work) for _, m in model.named_modules()]))
+        KEEP_ALIVE.append((model.__dict__.get("_flat"), [dict(m.__dict__.get("_work", {})) for _, m in model.named_modules()]))
 
     def forward_backward(self, x, eps):
         """The replay: gradients in the model's, the step's (loss, recon, kl) as a device array."""
@@ -106,8 +106,7 @@ def gradients(model, x, eps):
     """The package's forward and backward as ``train_step`` runs them (gradients zeroed first, layers writing
     over their previous outputs): the gradients in the model's, ``(loss, recon, kl)`` as one device array."""
     model.zero_grad()
-    with model.recycling_outputs():
-        loss, recon, kl = model.forward_backward(x, eps=eps)
+    loss, recon, kl = model.forward_backward(x, eps=eps)
     return array_module(loss).stack([loss, recon.mean(), kl.mean()])
 
 
@@ -126,7 +125,7 @@ def check(model, graph_step, x, eps):
     model.restore_buffers(saved)
     # poisoned, so that a replay that runs nothing cannot pass (one that runs part of the step leaves numbers
     # unlike the package's, which the comparison below sees)
-    model._flat[1][...] = math.nan
+    flat_parameters(model)[1][...] = math.nan
     graph_step.scalars[...] = math.nan
     replay = backend.to_host(graph_step.forward_backward(x, eps))
     replay_g, replay_b = state(model)
@@ -154,7 +153,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     xp = backend.set_device("gpu")
     model = VAE(image_size=64, preset=args.preset)
-    optimizer = Adam(model, lr=1e-3)
+    optimizer = model.make_optimizer(lr=1e-3)
     rng = numpy.random.default_rng(0)
     x = backend.to_device(rng.integers(0, 256, (args.batch, 3, 64, 64), dtype=numpy.uint8), numpy.float32) / 255
     eps = model.draw_eps(args.batch, backend.rng(1))

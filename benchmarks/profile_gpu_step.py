@@ -29,7 +29,7 @@ def per_call_us(fn, calls=2000):
 
 def micro(cp):
     """Host microseconds per call of the operations a step is made of (the GPU's work is tiny here)."""
-    from scratchvae import kernels  # noqa: PLC0415
+    from scratchvae.fast import kernels  # noqa: PLC0415
 
     a = cp.ones((128, 128), dtype=cp.float32)
     b = cp.ones((128, 128), dtype=cp.float32)
@@ -79,7 +79,6 @@ def main():
     import numpy  # noqa: PLC0415
 
     from scratchvae import backend  # noqa: PLC0415
-    from scratchvae.optim import Adam  # noqa: PLC0415
     from scratchvae.train import NOISE_STREAM  # noqa: PLC0415
     from scratchvae.vae import VAE  # noqa: PLC0415
 
@@ -87,7 +86,7 @@ def main():
     print("== CuPy's host cost per call")
     micro(cp)
     model = VAE(image_size=64, preset=args.preset)
-    optimizer = Adam(model, lr=1e-3)
+    optimizer = model.make_optimizer(lr=1e-3)
     images = numpy.random.default_rng(0).integers(0, 256, (args.batch, 3, 64, 64), dtype=numpy.uint8)
     x = backend.to_device(images, numpy.float32) / 255
     step_no = [0]

@@ -6,8 +6,10 @@
     python examples/celeba.py --plot-only           # redraw the figures of a finished run
 
 Everything happens in ``scratchvae.train`` (the loop, logs, checkpoints) and ``scratchvae.plots`` (the
-figures); this script only turns command-line options into a ``TrainConfig``. Exit status: 0 done,
-2 bad options or data, 3 NaN/Inf loss (last good checkpoint kept), 130 interrupted (checkpoint written).
+figures); this script only turns command-line options into a ``TrainConfig``. Exit status: 0 done;
+2 bad options, data, checkpoint or logs, or a disk or memory that refused (the last checkpoint kept); 3 the
+run diverged, a NaN/Inf anywhere (the last good checkpoint kept); 130 Ctrl-C and 143 SIGTERM (checkpoint
+written).
 """
 from __future__ import annotations
 
@@ -87,11 +89,13 @@ def build_parser():
     t.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the weights, the noise and the batch order (default 0)")
     t.add_argument("--device", choices=backend.DEVICES, default="auto",
                    help="cpu (NumPy), gpu (CuPy) or auto (the GPU when CuPy sees one)")
+    t.add_argument("--engine", choices=("fast", "reference"), default="fast",
+                   help="fast (the default) or reference: the textbook layers, the same numbers, several times slower")
     t.add_argument("--eval-images", type=positive_int, metavar="N",
                    help="validation images per evaluation (default: the whole split)")
     t.add_argument("--iw-samples", type=nonnegative_int, default=32, metavar="K",
                    help="held-out -log p(x) estimated with K importance samples of q(z|x) per image at the end of "
-                   "the run (4 at the other evaluations), with the ELBO's gap; 0: off (default 32)")
+                   "the run (4 at every evaluation, in eval.csv), with the ELBO's gap; 0: off (default 32)")
     t.add_argument("--iw-images", type=positive_int, default=128, metavar="N",
                    help="validation images (the first N) for that estimate (default 128)")
     t.add_argument("--checkpoint-every", type=positive_int, default=250, metavar="N",
@@ -109,23 +113,29 @@ def build_parser():
 def config_from_args(args) -> TrainConfig:
     """The TrainConfig the parsed options describe."""
     return TrainConfig(
-        data=args.data, out=args.out, image_size=args.image_size, resample=args.resample, preset=args.preset,
-        latent_dim=args.latent_dim, recon=args.recon, recon_variance=args.recon_variance, beta=args.beta,
-        beta_warmup=args.beta_warmup, mc_samples=args.mc_samples, iw_samples=args.iw_samples, iw_images=args.iw_images,
+        data=args.data, out=args.out, image_size=args.image_size, preset=args.preset, latent_dim=args.latent_dim,
+        recon=args.recon, recon_variance=args.recon_variance, beta=args.beta, beta_warmup=args.beta_warmup,
+        mc_samples=args.mc_samples, iw_samples=args.iw_samples, iw_images=args.iw_images,
         objective=args.objective, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, max_steps=args.max_steps, limit=args.limit, eval_images=args.eval_images,
+        device=args.device, engine=args.engine, max_steps=args.max_steps, limit=args.limit, eval_images=args.eval_images,
         checkpoint_every=args.checkpoint_every, resume=args.resume, force=args.force, workers=args.workers,
-        cache_dir=args.cache_dir, progress=not args.no_progress)
+        cache_dir=args.cache_dir, resample=args.resample, progress=not args.no_progress)
 
 
 def draw(out) -> int:
-    """Draw the figures of the run in ``out`` and list them; 0 on success, 2 when there is no run there."""
+    """Draw the figures of the run in ``out`` and list them; 0 on success, 2 when there is no readable run there
+    or the figures cannot be written (the figures already there are kept whole)."""
     from scratchvae.plots import plot_run  # noqa: PLC0415  (matplotlib loads only when drawing)
 
     try:
         paths = plot_run(out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError) as e:
         print(f"celeba.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"celeba.py: error: cannot write the figures in {out} ({e.strerror or e}); the figures already there "
+              "are kept. Free some space, or make the folder writable, then run again with --plot-only",
+              file=sys.stderr)
         return 2
     print("figures: " + ", ".join(str(p) for p in paths))
     return 0
@@ -155,15 +165,19 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before the loop began (loading data): nothing to save
         print("celeba.py: interrupted before training began; nothing was saved", file=sys.stderr)
         return 130
+    except MemoryError as e:  # loading the data
+        print(f"celeba.py: error: out of memory before training began ({type(e).__name__}: {e}); use a smaller "
+              "--limit or --image-size", file=sys.stderr)
+        return 2
     ev, wall = summary["final_eval"], summary["wall_seconds"]
     print(f"done: {summary['steps']} steps ({summary['epochs']:g} epochs) in {int(wall // 60)}m {wall % 60:.0f}s on "
           f"{summary['device']}. Held-out -ELBO {ev['neg_elbo_nats']:.2f} nats/image = {ev['bits_per_dim']:.4f} "
           f"bits/dim (recon {ev['recon']:.2f}, KL {ev['kl']:.2f}, per-pixel MSE {ev['mse']:.5f})")
-    if ev.get("iw_k"):
-        cost = f", {ev['iw_seconds']:.1f} s" if "iw_seconds" in ev else ""
-        print(f"held-out -log p(x) <= -L_{int(ev['iw_k'])} = {ev['neg_log_px_nats']:.2f} nats/image on "
-              f"{int(ev['iw_images'])} images ({int(ev['iw_k'])} importance samples each{cost}); "
-              f"-ELBO there {ev['iw_neg_elbo_nats']:.2f}, gap L_k - ELBO {ev['elbo_gap_nats']:.2f} nats")
+    if iw := summary.get("importance_sampled"):
+        cost = f", {iw['seconds']:.1f} s" if iw["seconds"] is not None else ""
+        print(f"held-out -log p(x) <= -L_{iw['k']} = {iw['neg_log_px_nats']:.2f} nats/image on {iw['images']} images "
+              f"({iw['k']} importance samples each{cost}); -ELBO there {iw['neg_elbo_nats']:.2f}, gap L_k - ELBO "
+              f"{iw['elbo_gap_nats']:.2f} nats")
     status = draw(Path(config.out))
     print(f"log: {Path(config.out) / 'log.csv'}, {Path(config.out) / 'eval.csv'}; "
           f"checkpoint: {Path(config.out) / 'checkpoint.npz'}")

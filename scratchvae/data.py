@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -179,13 +180,22 @@ def preprocess(img: Image.Image, image_size: int = 64, draft: bool = False, resa
         k = img.size[0] / size[0]
         # At reduced scale the crop box falls between pixels: resize reads the fractional region directly.
         box = tuple(c * k for c in crop_box(size))
-        img = img.convert("RGB") if img.mode != "RGB" else img
+        img = as_rgb(img)
         out = img.resize((image_size, image_size), filt, box=box)
     else:
-        img = img.convert("RGB") if img.mode != "RGB" else img
+        img = as_rgb(img)
         # Crop first, then resize: resize(box=...) would let the filter read pixels outside the crop.
         out = img.crop(crop_box(size)).resize((image_size, image_size), filt)
     return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. 16-bit greyscale (a PNG mode) is scaled down to 8 bits first: Pillow's ``convert``
+    would clip its levels 0..65535 at 255, turning nearly every pixel white."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        levels = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(((levels * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class SkipImage(Exception):
@@ -271,7 +281,11 @@ def find_source(path) -> tuple:
         )
     if p.is_file():
         if not zipfile.is_zipfile(p):
+            with open(p, "rb") as f:
+                zip_like = f.read(2) == b"PK" or p.suffix.lower() == ".zip"
             raise DataError(
+                f"{p} is damaged or incomplete (not a readable zip archive: a download cut short?); re-download it"
+                if zip_like else
                 f"{p} is a file but not a zip archive; give the folder of JPEGs or img_align_celeba.zip instead"
             )
         return "zip", p, _find_partition([p.parent, p.parent / "Eval"])
@@ -353,7 +367,8 @@ def scan_celeba(path, limit: int | None = None) -> Listing:
                     if info.filename.rsplit("/", 1)[-1] in PARTITION_FILES and partition is None:
                         zip_partition = zf.read(info).decode("utf-8", "replace")
         except (zipfile.BadZipFile, OSError) as e:
-            raise DataError(f"{root} cannot be read as a zip archive ({e}); re-download it") from None
+            raise DataError(f"{root} is damaged or incomplete (it cannot be read as a zip archive: {e}; a download "
+                            "cut short?); re-download it") from None
         entries, seen = [], set()
         for info in sorted(infos, key=lambda i: i.filename):
             base = info.filename.rsplit("/", 1)[-1]
@@ -477,10 +492,22 @@ def _open_cache(data_path: Path, meta_path: Path, key: str):
 _WORKER = {}  # per process: the decoder's source and the memory map being filled
 
 
-def _init_worker(kind: str, root: str, tmp: str, shape: tuple, image_size: int, draft: bool, resample: str) -> None:
+def _init_worker(kind: str, root: str, tmp: str, shape: tuple, image_size: int, draft: bool, resample: str,
+                 pool: bool = False) -> None:
+    if pool:  # a pool's worker process, not the main process decoding alone (workers=1)
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _WORKER.update(kind=kind, root=root, size=image_size, draft=draft, resample=resample,
                    zip=zipfile.ZipFile(root) if kind == "zip" else None,
                    mm=np.memmap(tmp, np.uint8, "r+", shape=shape))
+
+
+def _exit_with_parent(parent: int, every: float = 0.2) -> None:
+    """End this worker process once its parent has gone (killed with SIGKILL, say): a worker waiting for its next
+    chunk would otherwise wait forever, holding the deleted temporary cache open. An orphan is adopted by another
+    process, so ``getppid`` then changes."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _decode_rows(start: int, members: list) -> list:
@@ -554,7 +581,7 @@ def _build_cache(listing, order, image_size, draft, resample, data_path, meta_pa
                 finally:
                     _WORKER.clear()
             else:
-                pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=initargs)
+                pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=initargs + (True,))
                 try:
                     jobs = {pool.submit(_decode_rows, s, members[s : s + chunk]): s for s in range(0, n, chunk)}
                     for job in as_completed(jobs):
@@ -593,8 +620,11 @@ def _build_cache(listing, order, image_size, draft, resample, data_path, meta_pa
         seconds=round(seconds, 2), workers=workers,
     )
     tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, meta_path)
+    try:
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, meta_path)
+    finally:
+        tmp_meta.unlink(missing_ok=True)
     log.info("cached %d images in %.1f s (%.0f images/s, %d workers) at %s",
              n, seconds, n / seconds, workers, data_path)
     return meta
@@ -658,7 +688,11 @@ def load_celeba(path, image_size: int = 64, cache_dir=None, limit: int | None = 
     built = opened is None
     if built:
         log.info("building the image cache %s: %s", data_path, why)
-        _build_cache(listing, order, image_size, draft, resample, data_path, meta_path, key, workers, progress)
+        try:
+            _build_cache(listing, order, image_size, draft, resample, data_path, meta_path, key, workers, progress)
+        except OSError as e:  # a full disk, a read-only one: the images themselves are only read
+            raise DataError(f"cannot write the image cache in {cache_dir} ({e.strerror or e}); pass a cache_dir "
+                            "(--cache-dir DIR) on a disk with room that you can write") from None
         opened, why = _open_cache(data_path, meta_path, key)
         if opened is None:
             raise DataError(f"the cache {data_path} just built cannot be opened ({why}); delete {cache_dir}, retry")

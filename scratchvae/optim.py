@@ -1,90 +1,57 @@
 """Optimisers that update parameters in place from the gradients the backward passes accumulated."""
 from __future__ import annotations
 
-import math
-
-from . import kernels
-from .backend import array_module, is_device_array, piece_rows, pieces
-
-PIECE = 1 << 17  # numbers per piece: a parameter's piece, its gradient's and its moments' (2 MB in all) stay in cache
-
-
-def _params(module_or_params):
-    """Accept a Module or an iterable of (name, param, grad) triples; return a list of triples."""
-    if hasattr(module_or_params, "named_parameters"):
-        return list(module_or_params.named_parameters())
-    return list(module_or_params)
-
-
-def _member(a, offset, shape):
-    """The view of a group's array that belongs to one parameter: ``shape`` numbers from ``offset`` on."""
-    return a.reshape(-1)[offset:offset + math.prod(shape)].reshape(shape)
+from .backend import array_module
 
 
 class Optimizer:
-    """Holds the (name, param, grad) triples and their state; ``step()`` updates the parameters in place.
-
-    The update runs on groups: all the parameters at once when they are views of one array (a Module's
-    ``flat_parameters``, which ``VAE`` sets up), otherwise each parameter alone. The state (Adam's moments)
-    has one array per group and slot; ``state_dict`` names each parameter's part of it.
-    """
+    """Holds the (name, param, grad) triples and each parameter's state; ``step()`` updates them in place."""
 
     def __init__(self, params, lr):
-        self.params = _params(params)
+        # a Module, or an iterable of (name, param, grad) triples
+        self.params = list(params.named_parameters() if hasattr(params, "named_parameters") else params)
         self.lr = lr
         self.t = 0  # steps taken
-        flat = params.flat_parameters() if hasattr(params, "flat_parameters") else None
-        if flat is not None:
-            members, offset = [], 0
-            for name, p, _ in self.params:
-                members.append((name, offset, p.shape))
-                offset += int(p.size)
-            self.groups = [(members, flat[0], flat[1])]
-        else:
-            self.groups = [([(name, 0, p.shape)], p, g) for name, p, g in self.params]
-        self.state = [{} for _ in self.groups]  # per group: slot name -> array shaped like the group's params
+        self.state = {name: {} for name, _, _ in self.params}  # parameter name -> slot name -> array
 
     def step(self):
         """Apply one update to every parameter from its gradient."""
         self.t += 1
-        for (_, p, g), state in zip(self.groups, self.state):
-            self._update(p, g, state)
+        for name, p, g in self.params:
+            self._update(p, g, self.state[name])
 
     def _update(self, p, g, state):
         raise NotImplementedError
 
     def zero_grad(self):
         """Zero every gradient this optimiser updates from."""
-        for _, _, g in self.groups:
+        for _, _, g in self.params:
             g[...] = 0
 
+    def state_arrays(self):
+        """Every array of the optimiser's state (Adam's moments), for checks of the whole."""
+        return [arr for slots in self.state.values() for arr in slots.values()]
+
     def state_dict(self):
-        """Step count, learning rate and per-parameter state arrays, as a flat dict name -> array/number
-        (``<param>/<slot>``, e.g. ``encoder.0.W/m``; the arrays are views of the optimiser's own)."""
+        """Step count, learning rate and state arrays, as a flat dict: ``t``, ``lr``, ``<param>/<slot>``
+        (e.g. ``encoder.0.W/m``; the arrays themselves, not copies)."""
         out = {"t": self.t, "lr": self.lr}
-        for (members, _, _), state in zip(self.groups, self.state):
-            for slot, arr in state.items():
-                for name, offset, shape in members:
-                    out[f"{name}/{slot}"] = _member(arr, offset, shape)
+        for name, slots in self.state.items():
+            out.update({f"{name}/{slot}": arr for slot, arr in slots.items()})
         return out
 
     def load_state_dict(self, state):
-        """Restore what ``state_dict`` returned (arrays copied onto this optimiser's device)."""
+        """Restore what ``state_dict`` returned (arrays copied onto the parameters' device)."""
         self.t, self.lr = int(state["t"]), float(state["lr"])
-        where = {name: (i, offset, shape) for i, (members, _, _) in enumerate(self.groups)
-                 for name, offset, shape in members}
+        params = {name: p for name, p, _ in self.params}
         for key, arr in state.items():
             if "/" not in key:
                 continue
             name, slot = key.rsplit("/", 1)
-            if name not in where:
+            if name not in params:
                 raise KeyError(f"optimiser state names parameter {name!r}, which the model does not have")
-            i, offset, shape = where[name]
-            p, group_state = self.groups[i][1], self.state[i]
-            xp = array_module(p)
-            if slot not in group_state:
-                group_state[slot] = xp.zeros_like(p)
-            _member(group_state[slot], offset, shape)[...] = xp.asarray(arr, dtype=p.dtype).reshape(shape)
+            p = params[name]
+            self.state[name][slot] = array_module(p).asarray(arr, dtype=p.dtype).reshape(p.shape).copy()
 
 
 class SGD(Optimizer):
@@ -101,11 +68,7 @@ class SGD(Optimizer):
         if self.weight_decay:
             g = g + self.weight_decay * p
         if self.momentum:
-            if "v" not in state:
-                state["v"] = g.copy()
-            else:
-                state["v"] *= self.momentum
-                state["v"] += g
+            state["v"] = g.copy() if "v" not in state else self.momentum * state["v"] + g
             g = state["v"]
         p -= self.lr * g
 
@@ -124,38 +87,14 @@ class Adam(Optimizer):
         super().__init__(params, lr)
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
-        self._scratch = None  # (2, numbers of the largest piece): the step's intermediates
-
-    def _scratch_pieces(self, p):
-        """Two scratch arrays, each as large as the largest of p's pieces, for the step's intermediates.
-
-        So that a step allocates nothing: in some heap states the C library maps a fresh temporary of a
-        piece's size, and page-faults it in, on every call, which made the small preset's Adam step four
-        times slower."""
-        xp, size = array_module(p), piece_rows(p, PIECE) * (p.size // len(p))
-        s = self._scratch
-        if s is None or s.shape[1] < size or s.dtype != p.dtype or array_module(s) is not xp:
-            s = self._scratch = xp.empty((2, size), dtype=p.dtype)
-        return s
 
     def _update(self, p, g, state):
         xp = array_module(p)
         if "m" not in state:
             state["m"], state["v"] = xp.zeros_like(p), xp.zeros_like(p)
-        bias1 = 1 - self.beta1 ** self.t
-        bias2 = 1 - self.beta2 ** self.t
-        if is_device_array(p):  # on a GPU the lines below as one kernel, one pass over the arrays
-            kernels.kernel(xp, "adam")(g, self.beta1, self.beta2, self.lr / bias1, bias2, self.eps, self.weight_decay,
-                                       p, state["m"], state["v"])
-            return
-        scratch = self._scratch_pieces(p)
-        for p, g, m, v in pieces(p, g, state["m"], state["v"], size=PIECE):
-            s, t = (a[:p.size].reshape(p.shape) for a in scratch)
-            if self.weight_decay:
-                g = xp.add(g, xp.multiply(p, self.weight_decay, out=t), out=t)
-            m *= self.beta1
-            m += xp.multiply(g, 1 - self.beta1, out=s)
-            v *= self.beta2
-            v += xp.multiply(xp.multiply(g, g, out=s), 1 - self.beta2, out=s)
-            denominator = xp.add(xp.sqrt(xp.divide(v, bias2, out=s), out=s), self.eps, out=s)
-            p -= xp.divide(xp.multiply(m, self.lr / bias1, out=t), denominator, out=t)
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        m, v = state["m"], state["v"]
+        m[...] = self.beta1 * m + (1 - self.beta1) * g
+        v[...] = self.beta2 * v + (1 - self.beta2) * (g * g)
+        p -= (self.lr / (1 - self.beta1 ** self.t)) * m / (xp.sqrt(v / (1 - self.beta2 ** self.t)) + self.eps)

@@ -21,15 +21,20 @@ needed and nothing global changes: the Agg renderer draws straight to PNG.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from . import backend
-from .train import CHECKPOINT, EVAL, IW_BOUNDS, LOG, SAMPLE_STREAM, SUMMARY, load_checkpoint, read_csv, read_iw_bounds
+from .train import (CHECKPOINT, EVAL, EVAL_FIELDS, IW_BOUNDS, LOG, LOG_FIELDS, SAMPLE_STREAM, SUMMARY, ConfigError,
+                    _reason, load_checkpoint, read_iw_bounds, read_log)
 from .vae import VAE, kl_per_dimension
+
+log = logging.getLogger(__name__)
 
 DPI = 100
 RECON_LABELS = {
@@ -75,7 +80,19 @@ def plot_curve(path, steps, values, eval_steps, eval_values, title, ylabel, log_
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.savefig(path)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """Write ``fig`` to the PNG ``path`` through a temporary file and a rename, so that a full disk or a crash
+    leaves the figure that was there whole; returns ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
@@ -109,8 +126,7 @@ def _show_grid(path, grid, title, scale=2, ylabels=None, cell=None):
     for side in ax.spines.values():
         side.set_visible(False)
     fig.suptitle(title, fontsize=10, y=1 - 0.04 / fig.get_figheight(), va="top")
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_reconstructions(model, x, path, ncol=8, scale=2):
@@ -140,13 +156,13 @@ def plot_interpolation(model, x, path, steps=8, pairs=4, scale=2):
 
 
 def _plot_interpolation(model, x, path, steps, pairs, scale):
-    pairs = min(pairs, len(x) // 2)
+    pairs = max(1, min(pairs, len(x) // 2))  # a single held-out image makes one (constant) row
     mu = model.encode(x)[0]
     xp = backend.array_module(mu)
     t = xp.linspace(0, 1, steps, dtype=mu.dtype)[:, None]
     rows = []
     for p in range(pairs):
-        a, b = 2 * p, 2 * p + 1
+        a, b = 2 * p, min(2 * p + 1, len(x) - 1)
         z = (1 - t) * mu[a] + t * mu[b]
         decoded = backend.to_host(model.output_to_image(model.decode(z)))
         rows += [backend.to_host(x[a:a + 1]), decoded, backend.to_host(x[b:b + 1])]
@@ -264,9 +280,8 @@ def plot_comparison(runs, path, n=12, ncol=6, seed=0, scale=2, colors=None):
         for i in range(0, len(x), ncol):
             rows += [x[i:i + ncol], recon[i:i + ncol]]
         samples = backend.to_host(model.sample(2 * n, rng=backend.rng((seed, SAMPLE_STREAM))))
-        ev = json.loads((run / SUMMARY).read_text())["final_eval"] if (run / SUMMARY).is_file() else {}
-        note = (f"-log p(x) <= {ev['neg_log_px_nats']:,.1f} nats (k = {int(ev['iw_k'])}, {int(ev['iw_images'])} images)"
-                if ev.get("iw_k") else "")
+        iw = json.loads((run / SUMMARY).read_text()).get("importance_sampled") if (run / SUMMARY).is_file() else None
+        note = f"-log p(x) <= {iw['neg_log_px_nats']:,.1f} nats (k = {iw['k']}, {iw['images']} images)" if iw else ""
         panels.append((label, note, image_grid(samples, ncol), image_grid(np.concatenate(rows), ncol)))
     h, w = panels[0][2].shape[:2]
     h2 = panels[0][3].shape[0]
@@ -300,8 +315,17 @@ def plot_run(run_dir, dest=None, scale=2, colors=None) -> list:
     out = Path(dest) if dest is not None else run
     out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(run / CHECKPOINT)
-    rows, evals = read_csv(run / LOG), read_csv(run / EVAL)
-    recon_name = ckpt["config"]["recon"]
+    (rows, dropped), (evals, dropped_evals) = read_log(run / LOG, LOG_FIELDS), read_log(run / EVAL, EVAL_FIELDS)
+    for message in dropped + dropped_evals:  # one bad row must not cost the figures: drawn without it
+        log.warning("%s; the figures are drawn from the good rows", message)
+    try:  # before any figure is drawn: a damaged checkpoint replaces none of those there
+        model = VAE.from_arrays(ckpt["arrays"])
+        x = as_batch(ckpt["arrays"]["heldout/images"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"the checkpoint {run / CHECKPOINT} does not hold a model its config describes "
+                          f"({_reason(e)}); it is damaged, so no figure was drawn") from None
+    model.eval()
+    recon_name = ckpt["config"].get("recon", "sse")
     paths = []
     steps, recon, kl = _columns(rows, "step", "recon", "kl")
     esteps, erecon, ekl = _columns(evals, "step", "recon", "kl")
@@ -309,10 +333,6 @@ def plot_run(run_dir, dest=None, scale=2, colors=None) -> list:
                             RECON_LABELS.get(recon_name, recon_name)))
     paths.append(plot_curve(out / "vae_kld.png", steps, kl, esteps, ekl,
                             "KL(q(z|x) || p(z)) per image", "nats", log_scale=False))
-
-    model = VAE.from_arrays(ckpt["arrays"])
-    model.eval()
-    x = as_batch(ckpt["arrays"]["heldout/images"])
     seed = int(ckpt["meta"]["seed"])
     paths.append(plot_reconstructions(model, x[:16], out / "vae_recons.png", scale=scale))
     paths.append(plot_samples(model, out / "samples.png", seed=seed, scale=scale))
@@ -336,4 +356,10 @@ def _reduce_colors(path, colors):
 
     with Image.open(path) as img:
         reduced = img.convert("RGB").quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    reduced.save(path, optimize=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        reduced.save(tmp, format="PNG", optimize=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -2,15 +2,15 @@
 
 ``train(TrainConfig(...))`` runs (or resumes) one training run and writes into its folder ``config.out``:
 
-* ``log.csv``        one row per update: step, epoch, recon, kl, loss, lr, images_per_s, the beta in force (KL
-  warm-up) and the decoder variance s^2 (flushed as it goes);
+* ``log.csv``        one row per update: step, epoch, recon, kl, loss, lr, the beta in force (KL warm-up), the
+  decoder variance s^2, images_per_s (flushed as it goes);
 * ``eval.csv``       one row per held-out evaluation on the validation split (end of every epoch, end of run):
   -ELBO in nats per image and in bits per dimension, recon, KL, loss, per-pixel MSE; and on the first
-  ``iw_images`` of them the importance-sampled -log p(x) estimate -L_k, the -ELBO from the same samples and
-  the gap L_k - ELBO (k = ``iw_samples`` at the end of the run, ``IW_EPOCH_SAMPLES`` at the other evaluations);
-* ``iw_bounds.csv``  per image of the last evaluation: -ELBO and -L_k for k = 1, 2, 4, ..., iw_samples;
+  ``iw_images`` of them the importance-sampled -log p(x) estimate -L_k with k = ``IW_EVAL_SAMPLES``, the -ELBO
+  from the same samples and the gap L_k - ELBO;
+* ``iw_bounds.csv``  at the end, with k = ``iw_samples``: per image, -ELBO and -L_j for j = 1, 2, 4, ..., k;
 * ``checkpoint.npz`` everything needed to continue exactly (see ``save_checkpoint``); ``VAE.load`` reads it too;
-* ``summary.json``   the final numbers of the run.
+* ``summary.json``   the final numbers of the run (the bound of ``iw_bounds.csv`` under "importance_sampled").
 
 The figures are drawn from these files by ``scratchvae.plots.plot_run``.
 
@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -34,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, backend
-from .optim import Adam
-from .vae import PRESETS, RECONSTRUCTIONS, VAE, NonFiniteLossError
+from .backend import array_module
+from .vae import ENGINES, PRESETS, RECONSTRUCTIONS, VAE, NonFiniteLossError
 
 # Random streams, each a fixed second element of the seed tuple so none can overlap another
 # (the VAE itself uses ``seed`` for its initial weights and ``(seed, 1, call number)`` for the
@@ -55,10 +57,14 @@ FIGURES = ("vae_mse.png", "vae_kld.png", "vae_recons.png", "samples.png", "inter
 LEARNED_VARIANCE_FIGURE = "decoder_variance.png"  # only with --recon-variance learned
 OUTPUTS = (CHECKPOINT, LOG, EVAL, SUMMARY, IW_BOUNDS) + FIGURES  # what a run writes (iw_bounds.csv unless --iw-samples 0)
 RUN_FILES = OUTPUTS + (LEARNED_VARIANCE_FIGURE,)  # what --force may delete: a run's own files, nothing else
-LOG_FIELDS = ("step", "epoch", "recon", "kl", "loss", "lr", "images_per_s", "beta", "decoder_variance")
-EVAL_FIELDS = ("step", "epoch", "neg_elbo_nats", "bits_per_dim", "recon", "kl", "loss", "mse",
-               "iw_k", "iw_images", "iw_neg_elbo_nats", "neg_log_px_nats", "elbo_gap_nats")
-IW_EPOCH_SAMPLES = 4  # k of the bound at the evaluations before the last (which uses --iw-samples): a cheap trend
+LOG_FIELDS = ("step", "epoch", "recon", "kl", "loss", "lr", "beta", "decoder_variance", "images_per_s")
+EVAL_FIELDS = ("step", "epoch", "neg_elbo_nats", "bits_per_dim", "recon", "kl", "loss", "mse")  # VAE.evaluate's
+IW_FIELDS = ("iw_k", "iw_images", "iw_neg_elbo_nats", "neg_log_px_nats", "elbo_gap_nats")  # the bound's
+EVAL_COLUMNS = EVAL_FIELDS + IW_FIELDS  # eval.csv
+# columns that may be empty (no importance-sampled bound at that evaluation; no s^2 for a Bernoulli decoder),
+# or absent from a log written before they existed
+OPTIONAL_FIELDS = ("beta", "decoder_variance") + IW_FIELDS
+IW_EVAL_SAMPLES = 4  # k of the bound in every eval.csv row: a cheap trend (the run's end adds --iw-samples)
 CHECKPOINT_FORMAT = 1
 HELDOUT_IMAGES = 32  # validation images kept in the checkpoint for the figures (so plotting needs no data)
 
@@ -72,9 +78,9 @@ DEFAULTS = {  # per data source: (preset, epochs, batch size)
 }
 
 # Options that must be equal to resume a run: they change the model, the data or the order of the
-# batches. The others (epochs, max_steps, lr, device, checkpoint_every, ...) may change on resume.
-MUST_MATCH = ("data", "limit", "image_size", "resample", "preset", "latent_dim", "recon", "recon_variance", "beta",
-              "beta_warmup", "mc_samples", "objective", "seed", "batch_size")
+# batches. The others (epochs, max_steps, lr, device, engine, checkpoint_every, ...) may change on resume.
+MUST_MATCH = ("data", "limit", "image_size", "preset", "latent_dim", "recon", "recon_variance", "beta",
+              "mc_samples", "objective", "seed", "batch_size", "resample", "beta_warmup")
 # What a checkpoint written before an option existed was made with (CelebA was resized with Lanczos then;
 # no run had a KL warm-up).
 BEFORE_OPTION = {"resample": "lanczos", "beta_warmup": 0}
@@ -95,15 +101,29 @@ class TrainingStopped(Exception):
 
 
 class NonFiniteLoss(TrainingStopped):
-    """The loss became NaN or Inf; the last good checkpoint was kept, not overwritten."""
+    """The run diverged: a NaN or Inf in the loss, the updated parameters, the optimiser's state, BatchNorm's
+    statistics or the held-out -ELBO. The last good checkpoint (all finite) was kept, not overwritten."""
 
     exit_code = 3
+
+
+class CannotContinue(TrainingStopped):
+    """The machine refused: a run file could not be written (disk full, read-only) or memory ran out.
+    The last checkpoint is intact; the run resumes once the cause is removed."""
+
+    exit_code = 2
 
 
 class Interrupted(TrainingStopped):
     """Ctrl-C: the checkpoint was written (when the model was in a consistent state) and the run can resume."""
 
     exit_code = 130  # the shell's convention for "killed by SIGINT"
+
+
+class Terminated(Interrupted):
+    """SIGTERM (``kill``, a batch system's time limit): handled as Ctrl-C is."""
+
+    exit_code = 143  # 128 + SIGTERM
 
 
 @dataclass
@@ -127,6 +147,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "auto"
+    engine: str = "fast"             # 'fast' or 'reference' (the textbook layers: the same numbers, slower)
     max_steps: int | None = None     # stop after this many updates in all (counted from the run's start)
     limit: int | None = None         # use only the first N training images
     eval_images: int | None = None   # cap on the validation images per evaluation; None: the whole split
@@ -153,6 +174,9 @@ class TrainConfig:
         c.batch_size = batch_size if c.batch_size is None else c.batch_size
         if c.preset in PRESETS and c.latent_dim is None:
             c.latent_dim = PRESETS[c.preset]["latent_dim"]
+        if c.data is not None and not str(c.data).strip():
+            raise ConfigError("--data is empty: give the CelebA location, or leave --data out to use the built-in "
+                              "faces")
         if c.data is not None:
             c.data = os.path.abspath(os.path.expanduser(c.data))
         c.check()
@@ -178,6 +202,7 @@ class TrainConfig:
         need(self.resample in RESAMPLE_FILTERS,
              f"unknown resample filter {self.resample!r}; choose one of {', '.join(RESAMPLE_FILTERS)}")
         need(self.device in backend.DEVICES, f"device must be one of {', '.join(backend.DEVICES)}, got {self.device!r}")
+        need(self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         for name in ("image_size", "epochs", "batch_size", "mc_samples", "latent_dim", "checkpoint_every"):
             positive_int(name.replace("_", "-"), getattr(self, name))
         for name in ("max_steps", "limit", "eval_images", "workers"):
@@ -207,6 +232,12 @@ class TrainConfig:
         if self.data is not None:
             need(os.path.exists(self.data), f"data path {self.data} does not exist; give the folder holding "
                  "img_align_celeba (or the zip), or leave --data out to use the built-in faces")
+        need_bytes, available = memory_needed(self), physical_memory()
+        need(available is None or need_bytes <= available,
+             f"these options need about {need_bytes / 1e9:,.1f} GB of memory (the parameters with their gradients "
+             f"and Adam's moments, and one batch's activations), more than this machine's {(available or 0) / 1e9:,.1f}"
+             f" GB: use a smaller --latent-dim (now {self.latent_dim}), --mc-samples (now {self.mc_samples}), "
+             f"--batch-size (now {self.batch_size}) or --image-size (now {self.image_size})")
 
 
 # ---- the run folder ------------------------------------------------------------------------------------------
@@ -220,6 +251,8 @@ def prepare_out_dir(out, resume=False, force=False, clear=True) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
+    if not clear:
+        check_writable(out)
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if resume:
         if not (out / CHECKPOINT).is_file():
@@ -236,6 +269,47 @@ def prepare_out_dir(out, resume=False, force=False, clear=True) -> Path:
                 (out / name).unlink()
         out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def check_writable(out) -> None:
+    """Raise ConfigError unless files can be made in the run folder ``out`` (or, when it does not exist yet, in
+    the folder that will hold it): found out by making and deleting an empty file, since the mode bits say
+    nothing to root and nothing about a read-only file system."""
+    out = Path(out)
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if base.exists() and not base.is_dir():
+        raise ConfigError(f"--out {out} cannot be made: {base} is a file, not a folder; pass --out DIR elsewhere")
+    probe = base / f".scratchvae-write-test-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write in {base} ({e.strerror or e}), so the run's checkpoint and logs could not be "
+                          "saved: pass --out DIR on a writable disk (a read-only file system, or no permission?)"
+                          ) from None
+
+
+def remove_stale_temporaries(out) -> list:
+    """Delete the temporary files a killed run left in ``out`` (a checkpoint's or a figure's ``.tmp-PID`` whose
+    process is gone, a log's ``.tmp``); returns their names."""
+    removed = []
+    for path in sorted(Path(out).glob("*.tmp*")):
+        base, _, pid = path.name.partition(".tmp")
+        if base not in OUTPUTS or (pid and not (pid.startswith("-") and pid[1:].isdigit())):
+            continue  # not a file a run writes
+        if pid:
+            try:
+                os.kill(int(pid[1:]), 0)
+                continue  # a live process is writing it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # another user's live process
+        path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
 
 
 # ---- data and model ------------------------------------------------------------------------------------------
@@ -257,7 +331,29 @@ def build_model(cfg: TrainConfig) -> VAE:
     """The VAE a resolved config describes (weights drawn from ``cfg.seed``)."""
     return VAE(image_size=cfg.image_size, preset=cfg.preset, latent_dim=cfg.latent_dim, recon=cfg.recon,
                recon_variance=cfg.recon_variance, beta=cfg.beta, mc_samples=cfg.mc_samples,
-               objective=cfg.objective, seed=cfg.seed)
+               objective=cfg.objective, seed=cfg.seed, engine=cfg.engine)
+
+
+def memory_needed(cfg: TrainConfig) -> int:
+    """A rough lower bound on the bytes a training step of ``cfg`` (resolved) holds: the parameters four times
+    (values, gradients, Adam's two moments) and a batch's activations with their gradients, in float32."""
+    channels, size, d = PRESETS[cfg.preset]["channels"], cfg.image_size, cfg.latent_dim
+    sides = [size // 2 ** (i + 1) for i in range(len(channels))]
+    features = channels[-1] * sides[-1] ** 2
+    convs = sum(9 * a * b for a, b in zip((3,) + tuple(channels), channels))
+    params = 2 * convs + 3 * features * d
+    encoder = sum(c * s * s for c, s in zip(channels, sides))  # numbers per image after each encoder layer
+    decoder = encoder + 3 * size * size + d  # the decoder mirrors it, per latent sample
+    activations = cfg.batch_size * (encoder + cfg.mc_samples * decoder)
+    return 4 * (4 * params + 4 * activations)  # each activation: layer output, BatchNorm, LeakyReLU, gradient
+
+
+def physical_memory():
+    """Bytes of RAM of this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -277,19 +373,42 @@ def save_checkpoint(path, model, optimizer, meta, extra=None) -> None:
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint: ``{"meta": dict, "config": dict, "model": {...}, "optim": {...}, "arrays": all}``."""
+    """Read a checkpoint: ``{"meta": dict, "config": dict, "model": {...}, "optim": {...}, "arrays": all}``.
+
+    Raises ConfigError, saying what is wrong, for a file that is damaged (truncated, overwritten, not an .npz)
+    or is not a training checkpoint of this version.
+    """
+    damaged = ("; the file is damaged (a copy cut short, or overwritten?). Start over with --force (which replaces "
+               "it), or --out DIR for a new run")
     try:
         arrays = backend.load_npz(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read the checkpoint {path} ({e}); it is damaged: start over with --force") from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001  (zipfile, zlib and NumPy raise a dozen types for damaged files)
+        raise ConfigError(f"cannot read the checkpoint {path} ({_reason(e)}){damaged}") from None
     if "meta" not in arrays or "config" not in arrays:
         raise ConfigError(f"{path} is not a training checkpoint (no 'meta'); it may be a model saved with VAE.save")
-    meta = json.loads(str(arrays["meta"]))
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path} has checkpoint format {meta.get('format')}, this version reads {CHECKPOINT_FORMAT}")
-    return {"meta": meta, "config": json.loads(str(arrays["config"])), "arrays": arrays,
+    try:
+        meta, config = json.loads(str(arrays["meta"])), json.loads(str(arrays["config"]))
+    except ValueError as e:
+        raise ConfigError(f"the checkpoint {path} has an unreadable 'meta' or 'config' entry ({e}){damaged}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ConfigError(f"{path} has checkpoint format {got}, this version reads {CHECKPOINT_FORMAT}")
+    lacking = [k for k in ("step", "train_config", "seed", "train_seconds") if k not in meta]
+    if (lacking or not isinstance(config, dict) or not isinstance(meta["train_config"], dict)
+            or not isinstance(meta["step"], int) or meta["step"] < 0):
+        raise ConfigError(f"the checkpoint {path} has an incomplete 'meta' entry "
+                          f"(lacking {', '.join(lacking) or 'valid values'}){damaged}")
+    return {"meta": meta, "config": config, "arrays": arrays,
             "model": {k[6:]: v for k, v in arrays.items() if k.startswith("model/")},
             "optim": {k[6:]: v for k, v in arrays.items() if k.startswith("optim/")}}
+
+
+def _reason(error) -> str:
+    """An exception in a few words: its message, or its type when it has none."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def config_differences(stored: dict, requested: dict) -> list:
@@ -312,11 +431,15 @@ class CsvLog:
         """Open ``path`` and write the header then ``rows`` (the kept history when resuming), replacing the file."""
         self.fields = fields
         tmp = f"{path}.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fields)
-            w.writeheader()
-            w.writerows(rows or [])
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fields)
+                w.writeheader()
+                w.writerows(rows or [])
+            os.replace(tmp, path)
+        finally:  # a full disk must not leave a half-written copy behind (the old file is untouched)
+            if os.path.exists(tmp):
+                os.remove(tmp)
         self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fields)
 
@@ -326,8 +449,11 @@ class CsvLog:
         self.file.flush()
 
     def close(self) -> None:
-        """Close the file (rows already written are on disk)."""
-        self.file.close()
+        """Close the file (rows already written are on disk; a row a full disk refused is dropped)."""
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the flush of a row that did not fit: the write already reported it
 
 
 def warmup_beta(step, beta, warmup) -> float:
@@ -356,6 +482,54 @@ def read_csv(path) -> list:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_log(path, fields) -> tuple:
+    """The rows of a run's CSV log whose fields are all numbers (``OPTIONAL_FIELDS`` may also be empty, or absent
+    from an older log), and a list of the lines dropped (with why).
+
+    A log is the user's record, and a power loss or a full disk can leave it with a cut-off last row, a tail of
+    NUL bytes, or garbage: every readable row is kept (as a dict of strings over ``fields``), and the rest are
+    named so that the caller can say which. A missing file has no rows and drops nothing.
+    """
+    if not os.path.exists(path):
+        return [], []
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", "replace")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    header = next(csv.reader([lines[0].rstrip("\r").replace("\0", "")]), []) if lines else []
+    lacking = [k for k in fields if k not in header and k not in OPTIONAL_FIELDS]
+    if lacking:
+        return [], [f"{Path(path).name} has no columns {', '.join(lacking)} (its header is {lines[0][:60]!r}): "
+                    f"none of its {max(len(lines) - 1, 0)} rows can be used"] if lines else []
+    rows, dropped = [], []
+    for number, line in enumerate(lines[1:], 2):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue  # a blank line holds no row to lose
+        values = next(csv.reader([line.replace("\0", "")]), []) if "\0" not in line else None
+        row = dict(zip(header, values)) if values is not None and len(values) == len(header) else None
+        if row is None or not all(_is_number(row[k]) if k in row and (row[k] or k not in OPTIONAL_FIELDS)
+                                  else k in OPTIONAL_FIELDS for k in fields) or not row["step"].isdigit():
+            dropped.append(number)
+            continue
+        rows.append({k: row.get(k, "") for k in fields})
+    if dropped:
+        shown = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
+        example = lines[dropped[0] - 1][:40].replace("\0", "\\0")
+        dropped = [f"{Path(path).name}: dropped {len(dropped)} unreadable line(s) (line {shown}; e.g. {example!r}), "
+                   f"kept the {len(rows)} good row(s)"]
+    return rows, dropped
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------------
@@ -419,38 +593,122 @@ def read_iw_bounds(path):
     return ks, neg_elbo, neg_l
 
 
-def _mean_bounds(path):
-    # {"k": mean -L_k} and the -ELBO over the images of iw_bounds.csv, for summary.json
-    ks, neg_elbo, neg_l = read_iw_bounds(path)
-    return {"elbo": float(neg_elbo.mean()), **{str(k): float(neg_l[:, j].mean()) for j, k in enumerate(ks)}}
+def summarise_iw_bounds(path, seconds=None):
+    """summary.json's account of ``iw_bounds.csv``: k, the images, their mean -ELBO, -L_k and gap, -L_j for every j
+    (nats per image), and the seconds the evaluation took when measured in this session; None without the file."""
+    found = read_iw_bounds(path)
+    if found is None:
+        return None
+    ks, neg_elbo, neg_l = found
+    return {"k": ks[-1], "images": len(neg_elbo), "neg_elbo_nats": float(neg_elbo.mean()),
+            "neg_log_px_nats": float(neg_l[:, -1].mean()), "elbo_gap_nats": float((neg_elbo - neg_l[:, -1]).mean()),
+            "neg_log_px_by_k": {str(k): float(neg_l[:, j].mean()) for j, k in enumerate(ks)}, "seconds": seconds}
 
 
-# ---- Ctrl-C --------------------------------------------------------------------------------------------------
+# ---- the run's health --------------------------------------------------------------------------------------
+
+def non_finite_state(model, optimizer) -> list:
+    """The names of the parameters, buffers and optimiser moments that hold a NaN or an Inf; [] when all are finite.
+
+    Cheap when all is well: one sum per array (a NaN or Inf anywhere makes the sum NaN or Inf) and one transfer;
+    only when a sum is not finite (or overflowed) is every array looked at, to name the bad ones.
+    """
+    total = 0.0
+    for a in model.state_arrays() + optimizer.state_arrays():
+        total = total + a.sum()
+    if math.isfinite(backend.to_float(total)):
+        return []
+    bad = [n for n, p, _ in model.named_parameters() if not bool(array_module(p).isfinite(p).all())]
+    bad += [n for n, b in model.named_buffers() if not bool(array_module(b).isfinite(b).all())]
+    bad += [f"optimiser {k}" for k, a in optimizer.state_dict().items()
+            if hasattr(a, "shape") and not bool(array_module(a).isfinite(a).all())]
+    return bad
+
+
+def _names(bad) -> str:
+    return ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+
+
+def data_fingerprint(dataset) -> dict:
+    """What a checkpoint records of its data, so that a resume on other data is refused: per split the number
+    of images and, for CelebA, the first and last file names and a digest of all of them."""
+    out = {}
+    for split, images in dataset.splits.items():
+        entry = {"images": len(images)}
+        names = getattr(images, "names", None)
+        if names is not None and len(names):
+            entry.update(first=str(names[0]), last=str(names[-1]),
+                         digest=hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()[:16])
+        out[split] = entry
+    return out
+
+
+def data_differences(stored: dict, now: dict) -> list:
+    """How the data recorded in a checkpoint (``data_fingerprint``) differs from the data now, split by split."""
+    out = []
+    for split in ("train", "valid", "test"):
+        a, b = stored.get(split, {}), now.get(split, {})
+        if a == b:
+            continue
+        files = (f" (files {a.get('first')} .. {a.get('last')} vs {b.get('first')} .. {b.get('last')})"
+                 if "first" in a or "first" in b else "")
+        if a.get("images") != b.get("images"):
+            out.append(f"{split}: {a.get('images')} images (checkpoint) vs {b.get('images')} (now){files}")
+        else:
+            out.append(f"{split}: {a.get('images')} images, but other files{files}")
+    return out
+
+
+def _json_safe(value):
+    """``value`` with every NaN or Inf float replaced by None, so that json.dumps writes standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _keep_damaged_copy(path) -> Path:
+    """Copy a damaged log aside (``log.csv.damaged``, or ``-2``, ``-3``...) before it is rewritten; returns the copy."""
+    path = Path(path)
+    copy, n = path.with_name(path.name + ".damaged"), 1
+    while copy.exists():
+        n += 1
+        copy = path.with_name(f"{path.name}.damaged-{n}")
+    shutil.copy2(path, copy)
+    return copy
+
+
+# ---- Ctrl-C and SIGTERM -------------------------------------------------------------------------------------
 
 class _DeferredInterrupt:
-    """Turn the first Ctrl-C into a request to stop after the current update; a second one stops at once.
+    """Turn the first Ctrl-C (or SIGTERM) into a request to stop after the current update; a second one stops at once.
 
     An update interrupted half way (some parameters stepped, others not) must never reach a checkpoint,
-    so the loop checks ``requested`` only between updates.
+    so the loop checks ``requested`` (the signal's number, or 0) only between updates.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
-        self.requested = False
-        self.installed = False
+        self.requested = 0
+        self.previous = {}
 
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C raises KeyboardInterrupt as usual
+        self.requested = signum
+        signal.signal(signum, self.previous[signum])  # a second one acts as usual: KeyboardInterrupt, or the end
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-            self.installed = True
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc):
-        if self.installed:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------
@@ -465,8 +723,10 @@ def _say(message):
 def train(config: TrainConfig) -> dict:
     """Run (or resume) the training run ``config`` describes; returns the summary also saved as summary.json.
 
-    Raises ConfigError (bad options, run folder taken, checkpoint mismatch), data.DataError (bad data),
-    NonFiniteLoss (NaN/Inf loss: the last good checkpoint is kept) or Interrupted (Ctrl-C: checkpoint written).
+    Raises ConfigError (bad options, run folder taken or not writable, checkpoint damaged or made with other
+    options or data), data.DataError (bad data), NonFiniteLoss (the run diverged: the last good checkpoint is
+    kept), CannotContinue (disk full, memory exhausted: the last checkpoint is kept) or Interrupted (Ctrl-C,
+    SIGTERM: checkpoint written).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
     from .data import DEVICE_SHARE, Batches, keep_on_device  # noqa: PLC0415
@@ -488,6 +748,14 @@ def train(config: TrainConfig) -> dict:
 
     dataset = load_data(cfg)
     _say(f"data: {dataset.source}")
+    fingerprint = data_fingerprint(dataset)
+    if stored is not None:
+        if "data" not in stored["meta"]:
+            _say("the checkpoint does not record its data (an older version wrote it): resuming without checking it")
+        elif differ := data_differences(stored["meta"]["data"], fingerprint):
+            raise ConfigError(f"the data changed since the checkpoint in {out} was written, so the run cannot resume "
+                              f"exactly (other batches, another validation split): {'; '.join(differ)}. Put the "
+                              "data back as it was, or start a new run with --force or --out DIR")
     train_images = keep_on_device(dataset.train.images)  # on a GPU, when it fits: no host work per batch
     if backend.device_name() == "gpu":
         size = f"{len(train_images):,} training images ({train_images.nbytes / 2**20:,.1f} MB)"
@@ -501,32 +769,81 @@ def train(config: TrainConfig) -> dict:
     iw_valid = dataset.valid.images[: cfg.iw_images]
     heldout = backend.to_host(dataset.valid.images[:HELDOUT_IMAGES]).copy()
 
-    # --force deletes the old run only now, when the data has loaded: a mistyped option cannot cost a run
-    prepare_out_dir(out, resume=cfg.resume, force=cfg.force)
-    model = build_model(cfg)
-    optimizer = Adam(model, lr=cfg.lr)
-    step, train_seconds = 0, 0.0
+    step, saved, train_seconds = 0, None, 0.0
+
+    def kept():
+        """What the failure left behind, in words."""
+        if saved is None and stored is None:
+            return "nothing was trained"
+        return (f"the checkpoint of step {step if saved is None else saved} in {ckpt_path} is intact: continue "
+                "with --resume once the cause is removed")
+
+    def guarded(what, fn, *args):
+        """``fn(*args)``, with an OSError (a full disk, a read-only folder) turned into CannotContinue."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise CannotContinue(f"cannot write {what} in {out} ({e.strerror or _reason(e)}): free some space, or "
+                                 f"make the folder writable; {kept()}", step) from None
+
+    try:
+        model = build_model(cfg)
+        optimizer = model.make_optimizer(lr=cfg.lr)
+    except MemoryError as e:
+        raise CannotContinue(f"out of memory building the model ({_reason(e)}): these options need about "
+                             f"{memory_needed(cfg) / 1e9:,.1f} GB; use a smaller --latent-dim, --batch-size or "
+                             f"--mc-samples; {kept()}", 0) from None
     log_rows, eval_rows = [], []
     if stored is not None:
-        model.load_state_dict(stored["model"])
-        optimizer.load_state_dict(stored["optim"])
+        try:
+            model.load_state_dict(stored["model"])
+            optimizer.load_state_dict(stored["optim"])
+            step, train_seconds = int(stored["meta"]["step"]), float(stored["meta"]["train_seconds"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"the checkpoint {ckpt_path} does not fit the model its options describe "
+                              f"({_reason(e)}); it is damaged: start over with --force, or --out DIR for a new run"
+                              ) from None
+        if bad := non_finite_state(model, optimizer):
+            raise ConfigError(f"the checkpoint {ckpt_path} holds NaN or Inf values ({_names(bad)}): it was written "
+                              "after the run had diverged (by an older version) and cannot be resumed; start over "
+                              f"with --force and a lower --lr than {optimizer.lr:g}")
         if optimizer.lr != cfg.lr:
             _say(f"lr changed on resume: {optimizer.lr!r} -> {cfg.lr!r}")
             optimizer.lr = cfg.lr
-        step, train_seconds = stored["meta"]["step"], stored["meta"]["train_seconds"]
-        # Rows written after the checkpoint (a crash, or a NaN) are replayed, so they are dropped here.
-        log_rows = [r for r in read_csv(out / LOG) if int(r["step"]) <= step]
-        eval_rows = [r for r in read_csv(out / EVAL) if int(r["step"]) <= step]
+    # --force deletes the old run only now, when the data has loaded and the model is built: a mistyped option
+    # cannot cost a run
+    guarded("the run folder", prepare_out_dir, out, cfg.resume, cfg.force)
+    for name in remove_stale_temporaries(out):
+        _say(f"removed {out / name}, left by a run that was killed while writing it")
+    if stored is not None:
+        # Rows written after the checkpoint (a crash, or a NaN) are replayed, so they are dropped here; damaged
+        # rows are dropped too, and said so, and the log as it was is kept beside it.
+        for name, fields, rows in ((LOG, LOG_FIELDS, log_rows), (EVAL, EVAL_COLUMNS, eval_rows)):
+            good, dropped = read_log(out / name, fields)
+            rows += [r for r in good if int(r["step"]) <= step]
+            if dropped:
+                copy = guarded(f"a copy of {name}", _keep_damaged_copy, out / name)
+                _say(f"{'; '.join(dropped)}; the log as it was is kept as {copy.name}")
         _say(f"resuming {out} at step {step} (epoch {step // per_epoch + 1}, batch {step % per_epoch})")
-    log = CsvLog(out / LOG, LOG_FIELDS, log_rows)
-    evals = CsvLog(out / EVAL, EVAL_FIELDS, eval_rows)
-    last_eval = {k: float(v) if v != "" else None for k, v in eval_rows[-1].items()} if eval_rows else None
+    log = guarded(LOG, CsvLog, out / LOG, LOG_FIELDS, log_rows)
+    try:
+        evals = guarded(EVAL, CsvLog, out / EVAL, EVAL_COLUMNS, eval_rows)
+    except CannotContinue:
+        log.close()
+        raise
+    # (the importance-sampled columns are empty where that evaluation had none)
+    last_eval = {k: float(v) for k, v in eval_rows[-1].items() if v != ""} if eval_rows else None
+    if last_eval is not None and not all(map(math.isfinite, last_eval.values())):
+        last_eval = None  # a NaN row an older version wrote: evaluated again at the end
     _say(f"model: preset {cfg.preset}, latent {cfg.latent_dim}, {model.num_parameters():,} parameters, "
          f"{backend.device_name()}; {per_epoch} batches of {cfg.batch_size} per epoch, {total} steps")
     if step >= total:
         _say(f"nothing to train: the run is at step {step}, and these options stop at step {total}")
 
     def checkpoint(at_step):
+        if bad := non_finite_state(model, optimizer):  # never reached after the per-step check; never saved either
+            raise NonFiniteLoss(f"the model's state at step {at_step} is not finite ({_names(bad)}); it was not "
+                                f"saved, {kept()}", at_step)
         epoch, batch = divmod(at_step, per_epoch)
         meta = {"format": CHECKPOINT_FORMAT, "version": __version__, "step": at_step, "epoch": epoch,
                 "batch_in_epoch": batch, "steps_per_epoch": per_epoch, "seed": cfg.seed,
@@ -534,38 +851,51 @@ def train(config: TrainConfig) -> dict:
                 "rng": {"noise": f"backend.rng(({cfg.seed}, {NOISE_STREAM}, step)) for update step (1-based)",
                         "batches": f"Batches(train, {cfg.batch_size}, seed={cfg.seed}).epoch(epoch, start=batch)",
                         "eval": f"backend.rng(({cfg.seed}, {EVAL_STREAM}, i)) for validation batch i"},
-                "train_config": dataclasses.asdict(cfg), "data_source": dataset.source}
-        save_checkpoint(ckpt_path, model, optimizer, meta, {"heldout/images": heldout})
+                "train_config": dataclasses.asdict(cfg), "data_source": dataset.source, "data": fingerprint}
+        guarded(f"the checkpoint of step {at_step}", save_checkpoint, ckpt_path, model, optimizer, meta,
+                {"heldout/images": heldout})
         return at_step
 
     def evaluate(at_step):
         model.beta = cfg.beta  # held-out losses at the run's beta, whatever the warm-up (each update sets its own)
         metrics = evaluate_images(model, valid, cfg.batch_size, cfg.seed)
+        if not all(math.isfinite(v) for v in metrics.values()):
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            raise NonFiniteLoss(f"the run diverged: the held-out evaluation at step {at_step} is not finite ({shown})"
+                                f", although the training loss was. The last good checkpoint (step {saved}) is kept "
+                                f"in {ckpt_path}; continue from it with a lower learning rate, e.g. --resume --lr "
+                                f"{cfg.lr / 10:g}", at_step)
         row = {"step": at_step, "epoch": round(at_step / per_epoch, 4), **metrics}
-        # the importance-sampled -log p(x): k = --iw-samples at the end, a cheap IW_EPOCH_SAMPLES before
-        k = cfg.iw_samples if at_step >= total else min(IW_EPOCH_SAMPLES, cfg.iw_samples)
-        if k:
-            tick = time.perf_counter()
-            bounds, elbo = importance_sampled_images(model, iw_valid, k, cfg.batch_size, cfg.seed)
-            row.update({"iw_k": k, "iw_images": len(elbo), "iw_neg_elbo_nats": -float(elbo.mean()),
-                        "neg_log_px_nats": -float(bounds[k].mean()), "elbo_gap_nats": float((bounds[k] - elbo).mean())})
-            seconds = round(time.perf_counter() - tick, 2)
-            if at_step >= total:
-                write_iw_bounds(out / IW_BOUNDS, bounds, elbo)
-        evals.write(row)
-        if k:  # the cost goes to the screen and summary.json, not eval.csv: a resumed run must write the same rows
-            row["iw_seconds"] = seconds
         _say(f"step {at_step} (epoch {row['epoch']:g}) held-out: -ELBO {metrics['neg_elbo_nats']:.2f} nats/image "
              f"= {metrics['bits_per_dim']:.4f} bits/dim, recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}, "
              f"MSE {metrics['mse']:.5f}")
-        if k:
-            _say(f"  on {row['iw_images']} of them, {k} samples of q(z|x) each: -log p(x) <= -L_{k} = "
-                 f"{row['neg_log_px_nats']:.2f} nats/image, -ELBO {row['iw_neg_elbo_nats']:.2f}, gap L_{k} - ELBO "
-                 f"{row['elbo_gap_nats']:.2f} ({row['iw_seconds']:.1f} s)")
+        # the importance-sampled -log p(x) on the first --iw-images: in every row with the same cheap k, so that the
+        # rows do not depend on where the run ends (a resumed or extended run writes the same ones) ...
+        if k := min(IW_EVAL_SAMPLES, cfg.iw_samples):
+            bounds, elbo, seconds = iw_evaluation(k)
+            row.update({"iw_k": k, "iw_images": len(elbo), "iw_neg_elbo_nats": -float(elbo.mean()),
+                        "neg_log_px_nats": -float(bounds[k].mean()), "elbo_gap_nats": float((bounds[k] - elbo).mean())})
+        guarded(EVAL, evals.write, row)
+        # ... and at the end with --iw-samples, per image into iw_bounds.csv (the figure) and into summary.json
+        if at_step >= total and cfg.iw_samples:
+            bounds, elbo, final_iw["seconds"] = iw_evaluation(cfg.iw_samples)
+            guarded(IW_BOUNDS, write_iw_bounds, out / IW_BOUNDS, bounds, elbo)
+        elif at_step >= total and (out / IW_BOUNDS).exists():
+            (out / IW_BOUNDS).unlink()  # a stale one, from before --iw-samples 0
         return row
 
+    def iw_evaluation(k):
+        tick = time.perf_counter()
+        bounds, elbo = importance_sampled_images(model, iw_valid, k, cfg.batch_size, cfg.seed)
+        seconds = round(time.perf_counter() - tick, 2)
+        _say(f"  on {len(elbo)} of them, {k} samples of q(z|x) each: -log p(x) <= -L_{k} = {-bounds[k].mean():.2f} "
+             f"nats/image, -ELBO {-elbo.mean():.2f}, gap L_{k} - ELBO {(bounds[k] - elbo).mean():.2f} ({seconds:.1f} s)")
+        return bounds, elbo, seconds
+
+    final_iw = {"seconds": None}
+
     loop_start = time.perf_counter()
-    saved, updating, bar = None, False, None
+    updating, bar = False, None
     try:
         with _DeferredInterrupt() as interrupt:
             saved = checkpoint(step) if stored is None else step  # step 0 saved: a NaN at once still leaves one
@@ -584,16 +914,24 @@ def train(config: TrainConfig) -> dict:
                     try:
                         logs = model.train_step(x, optimizer, rng=backend.rng((cfg.seed, NOISE_STREAM, step + 1)))
                     except NonFiniteLossError as e:
+                        raise NonFiniteLoss(f"non-finite loss at step {step + 1} (epoch {epoch + 1}): "
+                                            f"{str(e).split(' Lower the learning rate')[0]}\nThe last good checkpoint "
+                                            f"(step {saved}) is kept in {ckpt_path}. "
+                                            + _loss_advice(cfg, step, saved), step) from None
+                    if bad := non_finite_state(model, optimizer):  # a finite loss, but an update that overflowed
+                        params = {name for name, _, _ in model.named_parameters()}
                         raise NonFiniteLoss(
-                            f"non-finite loss at step {step + 1} (epoch {epoch + 1}): {e}\nThe last good checkpoint "
-                            f"(step {saved}) is kept in {ckpt_path}. Continue from it with a lower learning rate, "
-                            f"e.g. --resume --lr {cfg.lr / 10:g}", step) from None
+                            f"the run diverged at step {step + 1} (epoch {epoch + 1}): its loss was finite "
+                            f"({logs['loss']:.4g}) but the update made {_names(bad)} NaN or Inf. The last good "
+                            f"checkpoint (step {saved}) is kept in {ckpt_path}. "
+                            + _update_advice(cfg, step, saved, all(name in params for name in bad)), step)
                     step += 1  # before clearing `updating`: a Ctrl-C in between must not lose the update's count
                     updating = False
                     rate = len(x) / max(time.perf_counter() - tick, 1e-9)  # data fetch + update
-                    log.write({"step": step, "epoch": epoch + 1, **{k: logs[k] for k in ("recon", "kl", "loss")},
-                               "lr": float(optimizer.lr), "images_per_s": round(rate, 2), "beta": model.beta,
-                               "decoder_variance": variance})
+                    guarded(LOG, log.write, {"step": step, "epoch": epoch + 1,
+                                             **{k: logs[k] for k in ("recon", "kl", "loss")},
+                                             "lr": float(optimizer.lr), "images_per_s": round(rate, 2),
+                                             "beta": model.beta, "decoder_variance": variance})
                     for k, v in (("img/s", rate), ("recon", logs["recon"]), ("kl", logs["kl"])):
                         smooth[k] = v if k not in smooth else 0.9 * smooth[k] + 0.1 * v
                     bar.set_postfix({k: f"{v:.1f}" if k == "img/s" else f"{v:.4g}" for k, v in smooth.items()},
@@ -614,15 +952,21 @@ def train(config: TrainConfig) -> dict:
             if last_eval is None or int(last_eval["step"]) != step:  # a finished run resumed, its eval.csv lost
                 last_eval = evaluate(step)
     except KeyboardInterrupt:
+        stopped = Terminated if interrupt.requested == signal.SIGTERM else Interrupted
+        what = "terminated (SIGTERM)" if stopped is Terminated else "interrupted"
         if saved is None:  # a second Ctrl-C while the step-0 checkpoint was written (atomically: all or nothing)
-            raise Interrupted(f"interrupted before training began; {ckpt_path} "
-                              f"{'was written' if ckpt_path.exists() else 'was not written'}, nothing was trained. "
-                              f"Run the same command again to start", step) from None
+            raise stopped(f"{what} before training began; {ckpt_path} "
+                          f"{'was written' if ckpt_path.exists() else 'was not written'}, nothing was trained. "
+                          f"Run the same command again to start", step) from None
         if not updating and saved != step:
             saved = checkpoint(step)
         where = f" (inside update {step + 1}, which is discarded)" if updating else ""
-        raise Interrupted(f"interrupted at step {step}{where}; checkpoint of step {saved} in {ckpt_path}. "
-                          f"Continue with the same options plus --resume", step) from None
+        raise stopped(f"{what} at step {step}{where}; checkpoint of step {saved} in {ckpt_path}. "
+                      f"Continue with the same options plus --resume", step) from None
+    except MemoryError as e:
+        raise CannotContinue(f"out of memory at step {step + 1} ({_reason(e)}): these options need about "
+                             f"{memory_needed(cfg) / 1e9:,.1f} GB by a rough count, more than is free; {kept()}, or "
+                             "start over with a smaller --batch-size, --mc-samples or --latent-dim", step) from None
     finally:
         if bar is not None:
             bar.close()  # before the caller prints why training stopped
@@ -634,9 +978,35 @@ def train(config: TrainConfig) -> dict:
                "train_seconds_total": round(train_seconds + time.perf_counter() - loop_start, 2),
                "device": backend.device_name(), "data": dataset.source,
                "final_eval": {k: v for k, v in last_eval.items() if k not in ("step", "epoch")},
-               "neg_log_px_by_k": _mean_bounds(out / IW_BOUNDS) if last_eval.get("iw_k") else None,
+               "importance_sampled": summarise_iw_bounds(out / IW_BOUNDS, final_iw["seconds"]) if cfg.iw_samples
+               else None,
                "config": dataclasses.asdict(cfg)}
     tmp = out / f"{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / SUMMARY)
+    try:
+        guarded(SUMMARY, tmp.write_text, json.dumps(_json_safe(summary), indent=2, allow_nan=False))
+        guarded(SUMMARY, os.replace, tmp, out / SUMMARY)
+    finally:
+        tmp.unlink(missing_ok=True)
     return summary
+
+
+def _update_advice(cfg, step, saved, only_parameters) -> str:
+    """What to do after update ``step + 1`` made the state non-finite, the last checkpoint being of step ``saved``."""
+    if saved < step or only_parameters:  # a smaller step from the checkpoint goes elsewhere
+        return f"Continue from it with a lower learning rate, e.g. --resume --lr {cfg.lr / 10:g}"
+    # the gradients (or BatchNorm's batch statistics) of the checkpoint's weights themselves overflowed:
+    # they do not depend on the learning rate of the update that follows
+    return (f"The gradients of the checkpoint's weights themselves overflow, so a lower learning rate cannot help "
+            f"from it: start over with a lower --lr than {cfg.lr:g} (the same command with --force, or --out DIR)")
+
+
+def _loss_advice(cfg, step, saved) -> str:
+    """What to do after a non-finite loss at update ``step + 1``, the last checkpoint being of step ``saved``."""
+    if saved is not None and saved < step:  # updates were made since the checkpoint: smaller ones may go elsewhere
+        return f"Continue from it with a lower learning rate, e.g. --resume --lr {cfg.lr / 10:g}"
+    weights = "the initial weights" if step == 0 else "the checkpoint's weights"
+    variance = cfg.recon_variance if isinstance(cfg.recon_variance, str) else f"{cfg.recon_variance:g}"  # or learned
+    scale = [f"--beta {cfg.beta:g}"] + ([f"--recon-variance {variance}"] if cfg.recon == "gaussian" else [])
+    return (f"The loss is not finite for {weights} themselves, before any update, so a lower learning rate cannot "
+            f"help: check the options that scale the loss ({', '.join(scale)}) and the data for NaN pixels. Those "
+            "options must match on resume, so start a new run: the same command with --force, or --out DIR")

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import math
 
-from . import backend
+from . import backend, layers
 from .backend import array_module, to_float, to_host
-from .layers import (BatchNorm2d, Conv2d, ConvTranspose2d, Flatten, LeakyReLU, Linear, Module, Reshape,
-                     Sequential, Sigmoid, sigmoid)
+from .layers import Module, sigmoid
+from .optim import Adam
 
 # exp(logvar) must stay finite in float32 (max ~3.4e38 = exp(88)); sigma = exp(10) is already far
 # wider than the prior, and sigma = exp(-15) far narrower than any pixel can resolve. Outside these
@@ -91,9 +91,8 @@ class SquaredError:
 
     def nll(self, x, out):
         """Summed squared error per sample and image, ``(m, N)``."""
-        diff = (out - x).reshape(out.shape[0] * out.shape[1], -1)
-        # squared in place, then summed: two CuPy launches, where its einsum cost a quarter of a millisecond of Python
-        return array_module(diff).square(diff, out=diff).sum(axis=1).reshape(out.shape[:2])
+        diff = (out - x).reshape(out.shape[0], out.shape[1], -1)
+        return (diff * diff).sum(axis=2)
 
     def nll_backward(self, dnll, x, out):
         """d/d out of sum(dnll * nll): 2 (f(z) - x) dnll."""
@@ -409,6 +408,15 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the step was not applied."""
 
 
+ENGINES = ("fast", "reference")
+
+
+def _check_number(what, value, ok, rule):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{what} must be {rule}, got {value!r}")
+    return value
+
+
 class VAE(Module):
     r"""Convolutional VAE: encoder -> (mu, logvar) -> reparameterize -> decoder -> reconstruction term.
 
@@ -417,22 +425,46 @@ class VAE(Module):
     BatchNorm -> LeakyReLU, a last ConvTranspose2d at the first width, then Conv2d(3x3) to the image
     channels and, unless the reconstruction works on logits (bce), a Sigmoid so pixels lie in [0, 1].
     Images enter and leave as ``(N, C, H, W)``; inside, the layers work channels-last.
+
+    ``engine`` picks the layers: ``"reference"`` builds this class on ``scratchvae.layers``, the textbook
+    engine; ``"fast"`` (the default) builds its subclass ``scratchvae.fast.FastVAE`` on ``scratchvae.fast``'s
+    layers, the same model (parameter names, initialisation, numbers) made fast. Checkpoints load in either.
     """
 
+    engine = "reference"
+    layers = layers  # the engine's layer classes
+
+    def __new__(cls, *args, engine="fast", **kwargs):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+        if cls is VAE and engine == "fast":  # VAE(engine="fast") is a FastVAE, as Path() is a PosixPath
+            from .fast.vae import FastVAE  # noqa: PLC0415  (the fast engine builds on this module)
+            cls = FastVAE
+        return super().__new__(cls)
+
+    def __getnewargs_ex__(self):  # so that copies and pickles keep their engine
+        return (), {"engine": self.engine}
+
     def __init__(self, image_size=64, channels=None, latent_dim=None, in_channels=3, preset="default",
-                 recon="sse", recon_variance=0.5, beta=1.0, mc_samples=1, objective="elbo", seed=0):
+                 recon="sse", recon_variance=0.5, beta=1.0, mc_samples=1, objective="elbo", seed=0, engine="fast"):
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        channels = tuple(channels or PRESETS[preset]["channels"])
-        latent_dim = int(latent_dim or PRESETS[preset]["latent_dim"])
+        channels = tuple(PRESETS[preset]["channels"] if channels is None else channels)
+        latent_dim = PRESETS[preset]["latent_dim"] if latent_dim is None else latent_dim
+        for what, value in [("image_size", image_size), ("latent_dim", latent_dim), ("in_channels", in_channels),
+                            ("mc_samples", mc_samples), *((f"channels[{i}]", c) for i, c in enumerate(channels))]:
+            _check_number(what, value, lambda v: v == int(v) and v >= 1, "a whole number >= 1")
+        if not channels:
+            raise ValueError("channels must name at least one encoder width")
+        _check_number("beta", beta, lambda v: v >= 0, "a finite number >= 0 (1: the VAE, > 1: a beta-VAE)")
         if image_size % 2 ** len(channels):
             raise ValueError(f"image_size {image_size} must be divisible by 2**{len(channels)} "
                              f"(one halving per encoder width {channels})")
         if objective not in ("elbo", "prior-mc"):
             raise ValueError(f"objective must be 'elbo' or 'prior-mc', got {objective!r}")
-        if mc_samples < 1:
-            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        image_size, latent_dim, in_channels, mc_samples = map(int, (image_size, latent_dim, in_channels, mc_samples))
+        channels = tuple(int(c) for c in channels)
         self.config = {"image_size": image_size, "channels": list(channels), "latent_dim": latent_dim,
                        "in_channels": in_channels, "recon": recon, "recon_variance": recon_variance,
                        "beta": beta, "mc_samples": mc_samples, "objective": objective, "seed": seed}
@@ -443,29 +475,29 @@ class VAE(Module):
         self.latent_dim = latent_dim
         self._own_noise_calls = 0  # see own_rng
         rng = backend.rng(seed)
+        L = self.layers
 
         enc, c_prev = [], in_channels
         for c in channels:
-            enc += [Conv2d(c_prev, c, 3, stride=2, padding=1, rng=rng), BatchNorm2d(c), LeakyReLU()]
+            enc += [L.Conv2d(c_prev, c, 3, stride=2, padding=1, rng=rng), L.BatchNorm2d(c), L.LeakyReLU()]
             c_prev = c
-        enc.append(Flatten())
-        self.encoder = Sequential(*enc)
+        enc.append(L.Flatten())
+        self.encoder = L.Sequential(*enc)
         side = image_size // 2 ** len(channels)
         features = channels[-1] * side * side
-        self.fc_mu = Linear(features, latent_dim, rng=rng)
-        self.fc_logvar = Linear(features, latent_dim, rng=rng)
+        self.fc_mu = L.Linear(features, latent_dim, rng=rng)
+        self.fc_logvar = L.Linear(features, latent_dim, rng=rng)
 
-        dec = [Linear(latent_dim, features, rng=rng), Reshape(side, side, channels[-1])]
+        dec = [L.Linear(latent_dim, features, rng=rng), L.Reshape(side, side, channels[-1])]
         rev = channels[::-1]
         for c_in, c_out in zip(rev[:-1], rev[1:]):
-            dec += [ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1, rng=rng),
-                    BatchNorm2d(c_out), LeakyReLU()]
-        dec += [ConvTranspose2d(rev[-1], rev[-1], 3, stride=2, padding=1, output_padding=1, rng=rng),
-                BatchNorm2d(rev[-1]), LeakyReLU(), Conv2d(rev[-1], in_channels, 3, padding=1, rng=rng)]
+            dec += [L.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1, rng=rng),
+                    L.BatchNorm2d(c_out), L.LeakyReLU()]
+        dec += [L.ConvTranspose2d(rev[-1], rev[-1], 3, stride=2, padding=1, output_padding=1, rng=rng),
+                L.BatchNorm2d(rev[-1]), L.LeakyReLU(), L.Conv2d(rev[-1], in_channels, 3, padding=1, rng=rng)]
         if not self.recon.output_is_logits:
-            dec.append(Sigmoid())
-        self.decoder = Sequential(*dec)
-        self.flatten_parameters()  # one array of parameters, one of gradients: Adam updates them at once
+            dec.append(L.Sigmoid())
+        self.decoder = L.Sequential(*dec)
 
     def named_children(self):
         return [("encoder", self.encoder), ("fc_mu", self.fc_mu), ("fc_logvar", self.fc_logvar),
@@ -474,6 +506,7 @@ class VAE(Module):
     # -- the pieces -----------------------------------------------------------------------------------------
     def encode(self, x):
         """Images ``(N, C, H, W)`` -> ``(mu, logvar)`` of q(z|x), each ``(N, d)`` (logvar clamped, see LOGVAR_MIN)."""
+        self.check_images(x)
         xp = array_module(x)
         h = self.encoder.forward(x.transpose(0, 2, 3, 1))  # to channels-last
         raw = self.fc_logvar.forward(h)
@@ -494,6 +527,13 @@ class VAE(Module):
         finally:
             first.input_grad = saved  # only for this call
         return None if dx is None else dx.transpose(0, 3, 1, 2)
+
+    def check_images(self, x):
+        """A ValueError that says what was expected unless x is a batch of this model's images ``(N, C, H, W)``."""
+        c, size = self.config["in_channels"], self.config["image_size"]
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c, size, size):
+            raise ValueError(f"this VAE takes images (N, {c}, {size}, {size}), got shape {tuple(x.shape)}: resize "
+                             f"the images to {size}x{size}, or build the model with image_size={x.shape[-1]}")
 
     def decode(self, z):
         """Latents ``(..., d)`` -> decoder outputs ``(..., C, H, W)``: pixel means, or logits for 'bce'."""
@@ -527,6 +567,7 @@ class VAE(Module):
         ``eps`` ``(m, N, d)`` is the noise (drawn from ``rng``, or from ``own_rng`` when neither is given):
         it is the same array in the forward and the backward pass.
         """
+        self.check_images(x)
         if eps is None:
             eps = self.draw_eps(x.shape[0], rng)
         if self.objective == "prior-mc":
@@ -570,24 +611,29 @@ class VAE(Module):
         self.train()
         self.zero_grad()
         # BatchNorm updates its running statistics during the forward pass: keep them, to put them back
-        # if this batch's loss turns out NaN (they are small vectors)
+        # if this batch's loss turns out NaN
         saved_buffers = self.snapshot_buffers()
-        with self.recycling_outputs():  # nothing the layers return outlives the step (see Module.output_array)
-            loss, recon, kl = self.forward_backward(x, eps=eps, rng=rng)
-        # the step's one transfer to the host: the three logged scalars together (written into one array rather
-        # than stacked: on a GPU, CuPy's stack costs as much as a step's whole KL)
-        scalars = array_module(loss).empty(3, dtype=loss.dtype)
-        scalars[0] = loss
-        recon.mean(keepdims=True, out=scalars[1:2])
-        kl.mean(keepdims=True, out=scalars[2:])
-        scalars = to_host(scalars)
-        logs = {"loss": float(scalars[0]), "recon": float(scalars[1]), "kl": float(scalars[2])}
+        loss, recon, kl = self.forward_backward(x, eps=eps, rng=rng)
+        logs = self.logged_scalars(loss, recon, kl)
         if not all(math.isfinite(v) for v in logs.values()):
             self.restore_buffers(saved_buffers)
             raise NonFiniteLossError(f"non-finite loss {logs}; parameters and BatchNorm statistics were not "
                                      "updated. Lower the learning rate, or check the input batch for NaN pixels.")
         optimizer.step()
         return logs
+
+    def logged_scalars(self, loss, recon, kl):
+        """The step's loss and its batch means of recon and KL as Python floats: one transfer to the host."""
+        loss, recon, kl = to_host(array_module(loss).stack([loss, recon.mean(), kl.mean()]))
+        return {"loss": float(loss), "recon": float(recon), "kl": float(kl)}
+
+    def state_arrays(self):
+        """The arrays a training step changes in the model: its parameters and buffers (for checks of the whole)."""
+        return [p for _, p, _ in self.named_parameters()] + [b for _, b in self.named_buffers()]
+
+    def make_optimizer(self, lr=1e-3):
+        """Adam over this model's parameters (the engine's own Adam: ``FastVAE`` gives the fast one)."""
+        return Adam(self, lr=lr)
 
     # -- using a trained model --------------------------------------------------------------------------------
     def in_eval(self, fn):
@@ -616,6 +662,7 @@ class VAE(Module):
         (the largest p(x|z)), the closest the model comes to x when z is drawn from the prior.
         """
         if self.objective == "prior-mc":
+            self.check_images(x)
             return self.in_eval(lambda: self._best_prior_decode(x, rng or self.own_rng()))
         return self.in_eval(lambda: self.output_to_image(self.decode(self.encode(x)[0])))
 
@@ -633,6 +680,8 @@ class VAE(Module):
         (recon + beta KL), and ``mse`` (per-pixel squared error of the posterior-mean reconstruction; for
         the prior-mc objective, which has no encoder, of the decode of the first prior sample).
         """
+        self.check_images(x)
+
         def run():
             noise = eps if eps is not None else self.draw_eps(x.shape[0], rng)
             num_pixels = x[0].size
@@ -660,6 +709,7 @@ class VAE(Module):
         that order from ``rng`` (NumPy draws the same numbers whatever the chunk). Returns
         ``({j: (N,)}, elbo (N,))`` as float64 host arrays.
         """
+        self.check_images(x)
         xp = array_module(x)
         rng = rng or self.own_rng()
         chunk = chunk or max(1, IW_DECODES // x.shape[0])
@@ -690,9 +740,9 @@ class VAE(Module):
         return {"config": json.dumps(self.config), **arrays}
 
     @classmethod
-    def from_arrays(cls, arrays):
+    def from_arrays(cls, arrays, engine="fast"):
         """A VAE rebuilt from ``to_arrays``'s entries (other entries, such as a checkpoint's, are ignored)."""
-        model = cls.from_config(json.loads(str(arrays["config"])))
+        model = cls.from_config(json.loads(str(arrays["config"])), engine=engine)
         model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
         return model
 
@@ -701,14 +751,14 @@ class VAE(Module):
         backend.save_npz(path, self.to_arrays())
 
     @classmethod
-    def from_config(cls, config):
-        """A fresh VAE built from a ``config`` dict (as saved in files and checkpoints)."""
-        return cls(**{k: v for k, v in config.items() if k in _VAE_ARGS})
+    def from_config(cls, config, engine="fast"):
+        """A fresh VAE on ``engine`` built from a ``config`` dict (as saved in files and checkpoints)."""
+        return cls(**{k: v for k, v in config.items() if k in _VAE_ARGS}, engine=engine)
 
     @classmethod
-    def load(cls, path):
-        """Build a VAE from a file written by ``save`` (or a training checkpoint) and load its state."""
-        return cls.from_arrays(backend.load_npz(path))
+    def load(cls, path, engine="fast"):
+        """Build a VAE on ``engine`` from a file written by ``save`` (or a training checkpoint) and load its state."""
+        return cls.from_arrays(backend.load_npz(path), engine=engine)
 
 
 _VAE_ARGS = ("image_size", "channels", "latent_dim", "in_channels", "recon", "recon_variance", "beta",

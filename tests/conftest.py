@@ -21,3 +21,9 @@ def f64():
     """Build layers and models in float64 for the duration of a test (gradient checks)."""
     with backend.default_dtype(numpy.float64):
         yield numpy.float64
+
+
+@pytest.fixture(params=["reference", "fast"])
+def engine(request):
+    """Each engine in turn: the textbook layers, and the fast ones tested equal to them."""
+    return request.param

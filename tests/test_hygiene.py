@@ -12,7 +12,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "scratchvae"
 # modules whose functions run inside the training step on device arrays
-COMPUTE_MODULES = ["layers.py", "vae.py", "optim.py"]
+COMPUTE_MODULES = ["layers.py", "vae.py", "optim.py", "fast/activations.py", "fast/conv.py", "fast/layers.py",
+                   "fast/norm.py", "fast/optim.py", "fast/vae.py", "fast/workspace.py"]
 ARRAY_LIBS = {"numpy", "cupy"}
 
 
@@ -65,6 +66,27 @@ def test_checker_accepts_xp_code():
     assert violations(clean) == []
 
 
+# ---- the reference engine stays the textbook a learner reads ---------------------------------------------
+
+FAST_MACHINERY = ["is_device_array", "kernels", "work_array", "output_array", "recycl", "pieces", "flat_param"]
+
+
+def test_the_reference_layers_hold_no_fast_engine_machinery():
+    """No device branch, kernel, work array, recycled output, piece loop or flat parameter in ``layers.py``."""
+    source = (PACKAGE / "layers.py").read_text()
+    assert [word for word in FAST_MACHINERY if word in source] == []
+
+
+def test_the_reference_layers_keep_to_their_reading_budgets():
+    """The learner's file and its longest paths stay short enough to read in one sitting (issue 19's budgets)."""
+    source = (PACKAGE / "layers.py").read_text()
+    spans = {node.name: node.end_lineno - node.lineno + 1 for node in ast.parse(source).body
+             if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert len(source.splitlines()) <= 530
+    assert spans["Conv2d"] + spans["im2col"] + spans["col2im"] + spans["conv_output_size"] <= 100, spans
+    assert spans["BatchNorm2d"] <= 60, spans
+
+
 # ---- the strict stand-in device: host/device mixing fails on NumPy as it would on CuPy ------------------
 
 from strict_device import HostDeviceMixError, use_strict_device  # noqa: E402
@@ -86,16 +108,16 @@ def test_strict_device_catches_planted_mixing():
         assert isinstance(backend.to_host(a), numpy.ndarray) and not backend.is_device_array(backend.to_host(a))
 
 
-def test_training_step_and_model_api_keep_to_the_device():
-    """The whole step (layers, VAE, Adam) and the model's helpers never touch a host array."""
+def test_training_step_and_model_api_keep_to_the_device(engine):
+    """The whole step (layers, VAE, Adam) and the model's helpers never touch a host array, on either engine."""
     from scratchvae.optim import Adam
     from scratchvae.vae import VAE
     with use_strict_device():
         for kw in ({}, {"recon": "bce", "mc_samples": 2}, {"objective": "prior-mc", "mc_samples": 2}):
-            model = VAE(image_size=16, preset="tiny", **kw)
+            model = VAE(image_size=16, preset="tiny", engine=engine, **kw)
             x = backend.to_device(backend.rng(0).random((4, 3, 16, 16)), backend.get_default_dtype())
             assert backend.is_device_array(x)
-            logs = model.train_step(x, Adam(model), rng=backend.rng((0, 1)))
+            logs = model.train_step(x, model.make_optimizer(), rng=backend.rng((0, 1)))
             assert set(logs) == {"loss", "recon", "kl"} and all(isinstance(v, float) for v in logs.values())
             assert all(backend.is_device_array(p) for _, p, _ in model.named_parameters())
             assert backend.is_device_array(model.sample(2)) and backend.is_device_array(model.reconstruct(x))
@@ -105,15 +127,14 @@ def test_training_step_and_model_api_keep_to_the_device():
 
 
 @pytest.mark.parametrize("kw", [{}, {"recon": "bce", "mc_samples": 2}, {"objective": "prior-mc", "mc_samples": 2}])
-def test_a_training_step_reads_from_the_device_once(kw):
+def test_a_training_step_reads_from_the_device_once(kw, engine):
     """On a GPU every read of a device value by the host waits for the GPU: a training step makes one, for
     its logged scalars, all three together (and no hidden one: no if on a device array, no float() of one)."""
     import strict_device
-    from scratchvae.optim import Adam
     from scratchvae.vae import VAE
     with use_strict_device():
-        model = VAE(image_size=16, preset="tiny", **kw)
-        optimizer = Adam(model)
+        model = VAE(image_size=16, preset="tiny", engine=engine, **kw)
+        optimizer = model.make_optimizer()
         x = backend.to_device(backend.rng(0).random((4, 3, 16, 16)), backend.get_default_dtype())
         model.train_step(x, optimizer, rng=backend.rng((0, 1)))  # the first step makes the work arrays
         del strict_device.HOST_READS[:]

@@ -7,7 +7,6 @@ import pytest
 
 from scratchvae import backend, vae
 from scratchvae.gradcheck import check_function
-from scratchvae.optim import Adam
 from scratchvae.vae import VAE
 
 
@@ -214,13 +213,16 @@ class _FixedNoise:
 
 # ---- the learned decoder variance -------------------------------------------------------------------------------
 
-def test_learned_variance_is_a_parameter_saved_and_updated(tmp_path):
-    model = tiny_model("gaussian", recon_variance="learned")
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_learned_variance_is_a_parameter_saved_and_updated(tmp_path, engine):
+    model = tiny_model("gaussian", recon_variance="learned", engine=engine)
     name = vae.LearnedGaussianNLL.PARAM
     assert name in dict((n, p) for n, p, _ in model.named_parameters())
     assert host(model.state_dict()[name]) == pytest.approx([math.log(0.5)])  # starts at the derivation's 1/2
-    assert model.flat_parameters() is not None  # flattened with the rest, so Adam updates it with them
-    opt = Adam(model, lr=1e-2)
+    if engine == "fast":  # flattened with the rest, so the fast Adam updates it with them
+        from scratchvae.fast.workspace import flat_parameters
+        assert flat_parameters(model) is not None
+    opt = model.make_optimizer(lr=1e-2)
     before = model.recon.current_variance()
     x = images(8).astype(numpy.float32)
     for s in range(3):

@@ -75,21 +75,22 @@ def test_heldout_log_likelihood_estimate_is_reported_and_drawn(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "held-out -log p(x) <= -L_8" in printed
     evals = rows(out / "eval.csv")
-    assert [int(r["iw_k"]) for r in evals] == [4, 8]  # 4 at the epoch's end, --iw-samples at the run's
+    assert [int(r["iw_k"]) for r in evals] == [4, 4]  # the same cheap k in every row
     last = evals[-1]
     assert int(last["iw_images"]) == 4
-    per_image = train.read_iw_bounds(out / "iw_bounds.csv")
-    ks, neg_elbo, neg_l = per_image
+    ks, neg_elbo, neg_l = train.read_iw_bounds(out / "iw_bounds.csv")  # the end's, with --iw-samples
     assert ks == [1, 2, 4, 8] and neg_l.shape == (4, 4)
-    assert float(last["neg_log_px_nats"]) == pytest.approx(neg_l[:, -1].mean(), rel=1e-12)
-    assert float(last["iw_neg_elbo_nats"]) == pytest.approx(neg_elbo.mean(), rel=1e-12)
-    assert float(last["elbo_gap_nats"]) == pytest.approx((neg_elbo - neg_l[:, -1]).mean(), rel=1e-9)
-    assert float(last["elbo_gap_nats"]) > 0  # the bound is above the ELBO
+    summary = json.loads((out / "summary.json").read_text())["importance_sampled"]
+    assert summary["k"] == 8 and summary["images"] == 4 and summary["seconds"] >= 0
+    assert summary["neg_log_px_nats"] == pytest.approx(neg_l[:, -1].mean(), rel=1e-12)
+    assert summary["neg_elbo_nats"] == pytest.approx(neg_elbo.mean(), rel=1e-12)
+    assert summary["elbo_gap_nats"] == pytest.approx((neg_elbo - neg_l[:, -1]).mean(), rel=1e-9)
+    assert summary["neg_log_px_by_k"]["4"] == pytest.approx(neg_l[:, 2].mean())
+    assert summary["elbo_gap_nats"] > 0  # the bound is above the ELBO
+    # eval.csv's k = 4 is the same ELBO from the first 4 of the same 8 samples, and a bound no tighter than L_8's
+    assert float(last["elbo_gap_nats"]) > 0 and float(last["neg_log_px_nats"]) > summary["neg_log_px_nats"] - 0.05
     # the estimate is a bound on -log p(x) of the same magnitude as the -ELBO on all the held-out images
     assert abs(float(last["neg_log_px_nats"]) - float(last["neg_elbo_nats"])) < 0.1 * float(last["neg_elbo_nats"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_eval"]["iw_seconds"] >= 0
-    assert summary["neg_log_px_by_k"]["8"] == pytest.approx(neg_l[:, -1].mean())
     assert (out / "elbo_gap.png").is_file() and not (out / "decoder_variance.png").exists()
 
 
@@ -98,7 +99,7 @@ def test_iw_samples_0_turns_it_off(tmp_path):
     assert run(out, "--epochs", 1, "--iw-samples", 0) == 0
     assert all(r["iw_k"] == "" and r["neg_log_px_nats"] == "" for r in rows(out / "eval.csv"))
     assert not (out / "iw_bounds.csv").exists() and not (out / "elbo_gap.png").exists()
-    assert json.loads((out / "summary.json").read_text())["neg_log_px_by_k"] is None
+    assert json.loads((out / "summary.json").read_text())["importance_sampled"] is None
 
 
 def test_learned_variance_is_logged_drawn_and_resumed(tmp_path):
@@ -165,5 +166,5 @@ def test_learned_variance_warmup_and_bound_keep_arrays_on_the_device(tmp_path, m
             out=str(tmp_path / "run"), preset="tiny", image_size=16, limit=32, batch_size=8, epochs=1, progress=False,
             recon="gaussian", recon_variance="learned", beta_warmup=3, iw_samples=6))
         plot_run(tmp_path / "run")
-    assert summary["device"] == "gpu" and summary["final_eval"]["iw_k"] == 6
+    assert summary["device"] == "gpu" and summary["importance_sampled"]["k"] == 6
     assert (tmp_path / "run" / "decoder_variance.png").is_file() and (tmp_path / "run" / "elbo_gap.png").is_file()

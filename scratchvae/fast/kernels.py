@@ -4,7 +4,7 @@ sums in one instead of up to 19.
 
 On a GPU every array operation is at least one kernel launch, and CuPy spends microseconds of Python and driver
 time on each, whatever the array's size; for this VAE's small layers that can outweigh the arithmetic
-(``benchmarks/count_ops.py`` counts the launches). BatchNorm's formulas (``layers.BatchNorm2d``) written as NumPy
+(``benchmarks/count_ops.py`` counts the launches). BatchNorm's formulas (``scratchvae.layers.BatchNorm2d``) written as NumPy
 operations are some thirty launches each way, most of them on vectors of C numbers; here each stage is one
 user-defined kernel whose body is the formula for one element, in CUDA C (three launches each way).
 Each sum over pixels is taken in blocks of rows first (``block_sums``), so that the GPU has thousands of sums to
@@ -22,15 +22,15 @@ rows come from one launch (``pair``):
 ``bn_grad_stats``          dL/dgamma, dL/dbeta and the per-channel factors of dL/dx, from the blocks' sums
 ``bn_backward``            :math:`dx = \gamma/\sigma \cdot (g - \bar g - \hat x \, \overline{g \hat x})`
 ``add_block_sums``         a gradient += the per-channel total of blocks' sums (a transposed conv's bias)
-``adam``                   Adam's moments and parameter update (``optim.Adam``), one pass over them
-``im2col``                 the column matrix of every kernel window (``layers.gather``), zeros outside x
-``subpixel_weights``       W rearranged for the sub-pixel transposed convolution (``layers.transposed_conv``)
+``adam``                   Adam's moments and parameter update (``fast.optim.Adam``), one pass over them
+``im2col``                 the column matrix of every kernel window (``conv.gather``), zeros outside x
+``subpixel_weights``       W rearranged for the sub-pixel transposed convolution (``conv.transposed_conv``)
 ``tap_planes_sum``         a multiply-first convolution's output: its bias plus the tap planes, shifted
-``tap_planes_of_dy``       the shifted copies of dy that its backward multiplies (``layers.Conv2d``)
+``tap_planes_of_dy``       the shifted copies of dy that its backward multiplies (``conv.Conv2d``)
 =========================  ==========================================================================
 
 The variance comes from the sums of x and of x squared, in one pass, where the NumPy path sums the squares of
-x - mean in a second pass (float32 sums need the centring; see ``layers.BatchNorm2d``). Summed in float64, the
+x - mean in a second pass (float32 sums need the centring; see ``norm.BatchNorm2d``). Summed in float64, the
 one pass's variance is off by a relative :math:`10^{-16} \mu^2 / \sigma^2` or so, and both paths compute
 x - mean in the arrays' dtype, each time it is needed, the same way, so BatchNorm keeps no centred copy of x on
 the GPU.
@@ -110,7 +110,7 @@ SPECS = {
              p -= m * (T)step_size / (sqrt(v / (T)bias2) + (T)eps)"""),
     # col (N*OH*OW, one + kh*kw*C): row (n, p, q), column (ones, window row ti, window column tj, channel);
     # x (N, H, W, C) in any layout (a raw array is read by its logical index). One division in 64 bits, the rest
-    # in 32 (a GPU divides 64-bit integers in software): ``layers.gather`` makes sure the rows number fewer than 2^31
+    # in 32 (a GPU divides 64-bit integers in software): ``conv.gather`` makes sure the rows number fewer than 2^31
     "im2col": ("elementwise", "raw T x, int32 h, int32 w, int32 c, int32 oh, int32 ow, int32 kh, int32 kw, "
                "int32 stride, int32 top, int32 left, int32 one", "T col",
                """const long long width = one + kh * kw * c, row64 = i / width;
@@ -124,7 +124,7 @@ SPECS = {
                  col = (0 <= r && r < h && 0 <= s && s < w) ? x[(((long long)n * h + r) * w + s) * c + ch] : (T)0;
                }"""),
     # wsub (window row t, window column u, C_in, row phase a, column phase b, C_out) holds W[c, o, ti, tj] for the
-    # kernel row ti = a + pad - s d that phase a applies at shift d = d0 + t (``layers.subpixel_taps``), and the
+    # kernel row ti = a + pad - s d that phase a applies at shift d = d0 + t (``conv.subpixel_taps``), and the
     # same along columns; zero where that row or column lies outside the kernel
     "subpixel_weights": ("elementwise", "raw T w, int32 cin, int32 cout, int32 kh, int32 kw, int32 th, int32 tw, "
                          "int32 stride, int32 pad, int32 d0, int32 e0", "T wsub",

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy
 
 from scratchvae import backend
-from scratchvae.optim import Adam
 from scratchvae.vae import VAE
 from strict_device import use_strict_device
 
@@ -37,7 +36,7 @@ def test_a_replay_is_checked_against_the_packages_forward_and_backward(monkeypat
     with use_strict_device() as strict:
         strict.cuda = types.SimpleNamespace(Stream=types.SimpleNamespace(null=None))
         model = VAE(image_size=16, preset="tiny")
-        optimizer = Adam(model, lr=1e-3)
+        optimizer = model.make_optimizer(lr=1e-3)
         x = backend.to_device(numpy.random.default_rng(0).random((4, 3, 16, 16)), numpy.float32)
         eps = model.draw_eps(4, backend.rng(1))
         model.train_step(x, optimizer, eps=eps)
