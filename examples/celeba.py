@@ -39,6 +39,12 @@ def bounded(kind, low, strict, what):
 positive_int = bounded(int, 0, True, "a positive integer")
 positive_float = bounded(float, 0.0, True, "a positive number")
 nonnegative_float = bounded(float, 0.0, False, "a number >= 0")
+nonnegative_int = bounded(int, 0, False, "an integer >= 0")
+
+
+def variance_or_learned(text):
+    """``--recon-variance``: a positive number, or 'learned' (s^2 trained with the model)."""
+    return "learned" if text == "learned" else bounded(float, 0.0, True, "a positive number or 'learned'")(text)
 
 
 def build_parser():
@@ -47,7 +53,8 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="celeba.py", description="Train a from-scratch VAE on faces: progress, loss curves, reconstructions, "
         "samples, checkpoints, resume, held-out evaluation.",
-        epilog="Outputs (in --out): log.csv, eval.csv, checkpoint.npz, summary.json, " + ", ".join(FIGURES) + ".")
+        epilog="Outputs (in --out): log.csv, eval.csv, iw_bounds.csv, checkpoint.npz, summary.json, "
+        + ", ".join(FIGURES) + " (and decoder_variance.png with --recon-variance learned).")
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="PATH", help="CelebA: folder of img_align_celeba JPEGs, img_align_celeba.zip, "
                    "or torchvision's root (default: the built-in synthetic faces)")
@@ -64,9 +71,12 @@ def build_parser():
     m.add_argument("--latent-dim", type=positive_int, metavar="D", help="latent dimensions (default: the preset's)")
     m.add_argument("--recon", choices=sorted(RECONSTRUCTIONS), default="sse", help="reconstruction term: sse (the "
                    "derivation's, sigma^2 = 1/2), gaussian (with --recon-variance), bce (Bernoulli)")
-    m.add_argument("--recon-variance", type=positive_float, default=0.5, metavar="S2",
-                   help="decoder variance for --recon gaussian (default 0.5)")
+    m.add_argument("--recon-variance", type=variance_or_learned, default=0.5, metavar="S2",
+                   help="decoder variance s^2 for --recon gaussian (default 0.5), or 'learned': trained with the "
+                   "model (it acts as beta = 2 s^2)")
     m.add_argument("--beta", type=nonnegative_float, default=1.0, metavar="B", help="weight of the KL term (1: VAE, >1: beta-VAE)")
+    m.add_argument("--beta-warmup", type=nonnegative_int, default=0, metavar="STEPS",
+                   help="KL warm-up: beta rises linearly from 0 to --beta over the first STEPS updates (default 0: off)")
     m.add_argument("--mc-samples", type=positive_int, default=1, metavar="M", help="latent samples per image per step")
     m.add_argument("--objective", choices=("elbo", "prior-mc"), default="elbo",
                    help="elbo (the VAE) or prior-mc (the encoder-free baseline the derivation starts from)")
@@ -83,6 +93,11 @@ def build_parser():
                    help="fast (the default) or reference: the textbook layers, the same numbers, several times slower")
     t.add_argument("--eval-images", type=positive_int, metavar="N",
                    help="validation images per evaluation (default: the whole split)")
+    t.add_argument("--iw-samples", type=nonnegative_int, default=32, metavar="K",
+                   help="held-out -log p(x) estimated with K importance samples of q(z|x) per image at the end of "
+                   "the run (4 at every evaluation, in eval.csv), with the ELBO's gap; 0: off (default 32)")
+    t.add_argument("--iw-images", type=positive_int, default=128, metavar="N",
+                   help="validation images (the first N) for that estimate (default 128)")
     t.add_argument("--checkpoint-every", type=positive_int, default=250, metavar="N",
                    help="write the checkpoint every N steps (also at each epoch's end, the end and on Ctrl-C)")
     o = p.add_argument_group("output")
@@ -99,7 +114,8 @@ def config_from_args(args) -> TrainConfig:
     """The TrainConfig the parsed options describe."""
     return TrainConfig(
         data=args.data, out=args.out, image_size=args.image_size, preset=args.preset, latent_dim=args.latent_dim,
-        recon=args.recon, recon_variance=args.recon_variance, beta=args.beta, mc_samples=args.mc_samples,
+        recon=args.recon, recon_variance=args.recon_variance, beta=args.beta, beta_warmup=args.beta_warmup,
+        mc_samples=args.mc_samples, iw_samples=args.iw_samples, iw_images=args.iw_images,
         objective=args.objective, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, engine=args.engine, max_steps=args.max_steps, limit=args.limit, eval_images=args.eval_images,
         checkpoint_every=args.checkpoint_every, resume=args.resume, force=args.force, workers=args.workers,
@@ -157,6 +173,11 @@ def main(argv=None) -> int:
     print(f"done: {summary['steps']} steps ({summary['epochs']:g} epochs) in {int(wall // 60)}m {wall % 60:.0f}s on "
           f"{summary['device']}. Held-out -ELBO {ev['neg_elbo_nats']:.2f} nats/image = {ev['bits_per_dim']:.4f} "
           f"bits/dim (recon {ev['recon']:.2f}, KL {ev['kl']:.2f}, per-pixel MSE {ev['mse']:.5f})")
+    if iw := summary.get("importance_sampled"):
+        cost = f", {iw['seconds']:.1f} s" if iw["seconds"] is not None else ""
+        print(f"held-out -log p(x) <= -L_{iw['k']} = {iw['neg_log_px_nats']:.2f} nats/image on {iw['images']} images "
+              f"({iw['k']} importance samples each{cost}); -ELBO there {iw['neg_elbo_nats']:.2f}, gap L_k - ELBO "
+              f"{iw['elbo_gap_nats']:.2f} nats")
     status = draw(Path(config.out))
     print(f"log: {Path(config.out) / 'log.csv'}, {Path(config.out) / 'eval.csv'}; "
           f"checkpoint: {Path(config.out) / 'checkpoint.npz'}")

@@ -8,7 +8,13 @@ reconstruction term, the squared error summed over pixels by default, whatever `
 * ``vae_recons.png``     held-out images above their reconstructions (decodes of the posterior means);
 * ``samples.png``        decodes of z ~ N(0, I);
 * ``interpolation.png``  decodes along straight lines between held-out faces' posterior means;
-* ``traversal.png``      the latent dimensions that carry the most KL, each varied alone.
+* ``traversal.png``      the latent dimensions that carry the most KL, each varied alone;
+* ``elbo_gap.png``       the importance-sampled bound -L_k against k, down from the -ELBO at k = 1, and the
+  spread of the per-image gap L_k - ELBO (from ``iw_bounds.csv``; runs with ``--iw-samples`` > 0);
+* ``decoder_variance.png`` the learned decoder variance s^2 per step beside the batch's per-pixel squared
+  error, which is its optimum, and the beta = 2 s^2 it amounts to (runs with ``--recon-variance learned``).
+
+``plot_comparison`` puts the samples and reconstructions of several runs side by side in one figure.
 
 Matplotlib is used through ``Figure`` objects only (never ``pyplot``), so no window or display is ever
 needed and nothing global changes: the Agg renderer draws straight to PNG.
@@ -24,8 +30,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import backend
-from .train import (CHECKPOINT, EVAL, EVAL_FIELDS, LOG, LOG_FIELDS, SAMPLE_STREAM, ConfigError, _reason,
-                    load_checkpoint, read_log)
+from .train import (CHECKPOINT, EVAL, EVAL_FIELDS, IW_BOUNDS, LOG, LOG_FIELDS, SAMPLE_STREAM, SUMMARY, ConfigError,
+                    _reason, load_checkpoint, read_iw_bounds, read_log)
 from .vae import VAE, kl_per_dimension
 
 log = logging.getLogger(__name__)
@@ -191,6 +197,110 @@ def _plot_traversal(model, x, path, dims, steps, span, scale):
                       cell=(h, h))
 
 
+def plot_elbo_gap(path, ks, neg_elbo, neg_l, title_note=""):
+    r"""Left: the mean over images of -L_k against k, falling from the -ELBO (k = 1) toward -log p(x), with the
+    standard error of its distance from the -ELBO (per image, paired: the images' own spread cancels); right: the
+    histogram of the per-image gap L_K - ELBO at the largest k.
+
+    ``neg_elbo`` ``(n,)`` and ``neg_l`` ``(n, len(ks))`` are per-image nats (``train.read_iw_bounds``).
+    """
+    n = len(neg_elbo)
+    fig = Figure(figsize=(11, 4), dpi=DPI, layout="constrained")
+    ax, hist = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    below = neg_elbo[:, None] - neg_l  # L_k - ELBO per image
+    err = below.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(len(ks))
+    ax.errorbar(ks, neg_l.mean(axis=0), yerr=err, fmt="o-", color="tab:blue", capsize=3,
+                label="-L_k, importance-sampled bound on -log p(x)\n(bars: standard error of L_k - ELBO)")
+    ax.axhline(neg_elbo.mean(), color="tab:orange", linestyle="--", label=f"-ELBO {neg_elbo.mean():,.2f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax.set_xlabel("k, samples of q(z|x) per image")
+    ax.set_ylabel("nats per image (mean over images)")
+    ax.set_title(f"-L_k falls from the -ELBO toward -log p(x) ({n} held-out images){title_note}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    gap = neg_elbo - neg_l[:, -1]
+    hist.hist(gap, bins=max(5, min(40, n // 4)), color="tab:blue", alpha=0.7)
+    hist.axvline(gap.mean(), color="k", linestyle="--", label=f"mean {gap.mean():.2f} nats")
+    hist.set_xlabel(f"L_{ks[-1]} - ELBO per image (nats): a lower bound on KL(q(z|x) || p(z|x))")
+    hist.set_ylabel("images")
+    hist.set_title(f"the gap per image, k = {ks[-1]}", fontsize=10)
+    hist.legend()
+    fig.savefig(path)
+    return path
+
+
+def plot_decoder_variance(path, rows, num_pixels):
+    r"""The learned decoder variance s^2 per step and the batch's per-pixel squared error (its optimum), log scale,
+    with the equivalent beta = 2 s^2 on the right axis.
+
+    The batch's squared error comes from the logged reconstruction term:
+    :math:`\overline{\mathrm{SSE}} = 2 s^2 (\mathrm{recon} - \tfrac D2 \log 2\pi s^2)` (one s^2 for all images).
+    """
+    steps, recon, s2 = _columns(rows, "step", "recon", "decoder_variance")
+    mse = 2 * s2 * (recon - 0.5 * num_pixels * np.log(2 * np.pi * s2)) / num_pixels
+    fig = Figure(figsize=(7, 4), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(steps, mse, color="tab:orange", alpha=0.3, linewidth=0.8)
+    ax.plot(steps, smooth(mse), color="tab:orange", linewidth=1.5,
+            label="per-pixel squared error of the batch (the optimum of s^2)")
+    ax.plot(steps, s2, color="tab:blue", linewidth=1.8, label="learned s^2")
+    ax.set_yscale("log")
+    ax.set_xlabel("step (update)")
+    ax.set_ylabel("s^2 and per-pixel squared error")
+    right = ax.secondary_yaxis("right", functions=(lambda v: 2 * v, lambda b: b / 2))
+    right.set_ylabel("beta = 2 s^2 (the same model with SSE + beta KL)")
+    ax.set_title(f"decoder variance learned: s^2 = {s2[-1]:.4g} at the end (beta = {2 * s2[-1]:.4g})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    return path
+
+
+def plot_comparison(runs, path, n=12, ncol=6, seed=0, scale=2, colors=None):
+    """One figure of several runs side by side: per run (a ``(label, run_dir)`` pair) its samples above held-out
+    images alternating with their reconstructions, titled with its held-out -log p(x) estimate from summary.json
+    (``colors``: reduce the PNG to that many colours).
+    """
+    import json  # noqa: PLC0415
+
+    from .data import as_batch  # noqa: PLC0415
+
+    panels = []
+    for label, run_dir in runs:
+        run = Path(run_dir)
+        ckpt = load_checkpoint(run / CHECKPOINT)
+        model = VAE.from_arrays(ckpt["arrays"])
+        model.eval()
+        x = as_batch(ckpt["arrays"]["heldout/images"][:n])
+        recon = backend.to_host(model.reconstruct(x, rng=backend.rng((seed, SAMPLE_STREAM, 1))))
+        x = backend.to_host(x)
+        rows = []
+        for i in range(0, len(x), ncol):
+            rows += [x[i:i + ncol], recon[i:i + ncol]]
+        samples = backend.to_host(model.sample(2 * n, rng=backend.rng((seed, SAMPLE_STREAM))))
+        iw = json.loads((run / SUMMARY).read_text()).get("importance_sampled") if (run / SUMMARY).is_file() else None
+        note = f"-log p(x) <= {iw['neg_log_px_nats']:,.1f} nats (k = {iw['k']}, {iw['images']} images)" if iw else ""
+        panels.append((label, note, image_grid(samples, ncol), image_grid(np.concatenate(rows), ncol)))
+    h, w = panels[0][2].shape[:2]
+    h2 = panels[0][3].shape[0]
+    fig = Figure(figsize=(len(panels) * (w * scale / DPI + 0.3), (h + h2) * scale / DPI + 1.2), dpi=DPI,
+                 layout="constrained")
+    axes = fig.subplots(2, len(panels), squeeze=False, height_ratios=[h, h2])
+    for col, (label, note, samples, recons) in enumerate(panels):
+        for ax, grid, what in ((axes[0, col], samples, "samples: decoder(z), z ~ N(0, I)"),
+                               (axes[1, col], recons, "held-out images (odd rows) and reconstructions")):
+            ax.imshow(grid, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{label}\n{note}\n{what}" if ax is axes[0, col] else what, fontsize=9)
+    fig.savefig(path)
+    if colors:
+        _reduce_colors(path, colors)
+    return path
+
+
 def plot_run(run_dir, dest=None, scale=2, colors=None) -> list:
     """Draw every figure of the run in ``run_dir`` from its log, evaluation log and checkpoint; returns the paths.
 
@@ -229,6 +339,11 @@ def plot_run(run_dir, dest=None, scale=2, colors=None) -> list:
     # interpolate between faces not shown in the reconstructions when there are enough
     paths.append(plot_interpolation(model, x[16:] if len(x) >= 24 else x, out / "interpolation.png", scale=scale))
     paths.append(plot_traversal(model, x, out / "traversal.png", scale=scale))
+    iw = read_iw_bounds(run / IW_BOUNDS)
+    if iw is not None:
+        paths.append(plot_elbo_gap(out / "elbo_gap.png", *iw))
+    if ckpt["config"].get("recon_variance") == "learned" and rows:
+        paths.append(plot_decoder_variance(out / "decoder_variance.png", rows, int(x[0].size)))
     if colors:
         for path in paths:
             _reduce_colors(path, colors)

@@ -2,11 +2,15 @@
 
 ``train(TrainConfig(...))`` runs (or resumes) one training run and writes into its folder ``config.out``:
 
-* ``log.csv``        one row per update: step, epoch, recon, kl, loss, lr, images_per_s (flushed as it goes);
+* ``log.csv``        one row per update: step, epoch, recon, kl, loss, lr, the beta in force (KL warm-up), the
+  decoder variance s^2, images_per_s (flushed as it goes);
 * ``eval.csv``       one row per held-out evaluation on the validation split (end of every epoch, end of run):
-  -ELBO in nats per image and in bits per dimension, recon, KL, loss, per-pixel MSE;
+  -ELBO in nats per image and in bits per dimension, recon, KL, loss, per-pixel MSE; and on the first
+  ``iw_images`` of them the importance-sampled -log p(x) estimate -L_k with k = ``IW_EVAL_SAMPLES``, the -ELBO
+  from the same samples and the gap L_k - ELBO;
+* ``iw_bounds.csv``  at the end, with k = ``iw_samples``: per image, -ELBO and -L_j for j = 1, 2, 4, ..., k;
 * ``checkpoint.npz`` everything needed to continue exactly (see ``save_checkpoint``); ``VAE.load`` reads it too;
-* ``summary.json``   the final numbers of the run.
+* ``summary.json``   the final numbers of the run (the bound of ``iw_bounds.csv`` under "importance_sampled").
 
 The figures are drawn from these files by ``scratchvae.plots.plot_run``.
 
@@ -41,15 +45,26 @@ from .vae import ENGINES, PRESETS, RECONSTRUCTIONS, VAE, NonFiniteLossError
 NOISE_STREAM = 2    # the reparameterization noise of update s: rng((seed, NOISE_STREAM, s))
 EVAL_STREAM = 3     # held-out evaluation, batch i: rng((seed, EVAL_STREAM, i)); the same at every evaluation
 SAMPLE_STREAM = 4   # the prior samples drawn for the figures
+IW_STREAM = 5       # the importance-sampled bound, batch i: rng((seed, IW_STREAM, i)); the same at every evaluation
 
 CHECKPOINT = "checkpoint.npz"
 LOG = "log.csv"
 EVAL = "eval.csv"
 SUMMARY = "summary.json"
-FIGURES = ("vae_mse.png", "vae_kld.png", "vae_recons.png", "samples.png", "interpolation.png", "traversal.png")
-OUTPUTS = (CHECKPOINT, LOG, EVAL, SUMMARY) + FIGURES  # what a run writes, so --force deletes nothing else
-LOG_FIELDS = ("step", "epoch", "recon", "kl", "loss", "lr", "images_per_s")
-EVAL_FIELDS = ("step", "epoch", "neg_elbo_nats", "bits_per_dim", "recon", "kl", "loss", "mse")
+IW_BOUNDS = "iw_bounds.csv"
+FIGURES = ("vae_mse.png", "vae_kld.png", "vae_recons.png", "samples.png", "interpolation.png", "traversal.png",
+           "elbo_gap.png")  # elbo_gap.png unless --iw-samples 0
+LEARNED_VARIANCE_FIGURE = "decoder_variance.png"  # only with --recon-variance learned
+OUTPUTS = (CHECKPOINT, LOG, EVAL, SUMMARY, IW_BOUNDS) + FIGURES  # what a run writes (iw_bounds.csv unless --iw-samples 0)
+RUN_FILES = OUTPUTS + (LEARNED_VARIANCE_FIGURE,)  # what --force may delete: a run's own files, nothing else
+LOG_FIELDS = ("step", "epoch", "recon", "kl", "loss", "lr", "beta", "decoder_variance", "images_per_s")
+EVAL_FIELDS = ("step", "epoch", "neg_elbo_nats", "bits_per_dim", "recon", "kl", "loss", "mse")  # VAE.evaluate's
+IW_FIELDS = ("iw_k", "iw_images", "iw_neg_elbo_nats", "neg_log_px_nats", "elbo_gap_nats")  # the bound's
+EVAL_COLUMNS = EVAL_FIELDS + IW_FIELDS  # eval.csv
+# columns that may be empty (no importance-sampled bound at that evaluation; no s^2 for a Bernoulli decoder),
+# or absent from a log written before they existed
+OPTIONAL_FIELDS = ("beta", "decoder_variance") + IW_FIELDS
+IW_EVAL_SAMPLES = 4  # k of the bound in every eval.csv row: a cheap trend (the run's end adds --iw-samples)
 CHECKPOINT_FORMAT = 1
 HELDOUT_IMAGES = 32  # validation images kept in the checkpoint for the figures (so plotting needs no data)
 
@@ -65,9 +80,10 @@ DEFAULTS = {  # per data source: (preset, epochs, batch size)
 # Options that must be equal to resume a run: they change the model, the data or the order of the
 # batches. The others (epochs, max_steps, lr, device, engine, checkpoint_every, ...) may change on resume.
 MUST_MATCH = ("data", "limit", "image_size", "preset", "latent_dim", "recon", "recon_variance", "beta",
-              "mc_samples", "objective", "seed", "batch_size", "resample")
-# What a checkpoint written before an option existed was made with (CelebA was resized with Lanczos then).
-BEFORE_OPTION = {"resample": "lanczos"}
+              "mc_samples", "objective", "seed", "batch_size", "resample", "beta_warmup")
+# What a checkpoint written before an option existed was made with (CelebA was resized with Lanczos then;
+# no run had a KL warm-up).
+BEFORE_OPTION = {"resample": "lanczos", "beta_warmup": 0}
 
 
 class ConfigError(ValueError):
@@ -121,8 +137,9 @@ class TrainConfig:
     preset: str | None = None        # 'small' on the built-in faces, 'default' on CelebA
     latent_dim: int | None = None    # None: the preset's
     recon: str = "sse"
-    recon_variance: float = 0.5
+    recon_variance: float | str = 0.5  # s^2 of --recon gaussian, or "learned" (a trained parameter)
     beta: float = 1.0
+    beta_warmup: int = 0             # updates over which beta rises linearly from 0 (0: none)
     mc_samples: int = 1
     objective: str = "elbo"
     epochs: int | None = None
@@ -134,6 +151,8 @@ class TrainConfig:
     max_steps: int | None = None     # stop after this many updates in all (counted from the run's start)
     limit: int | None = None         # use only the first N training images
     eval_images: int | None = None   # cap on the validation images per evaluation; None: the whole split
+    iw_samples: int = 32             # k of the importance-sampled -log p(x) at the end of the run; 0: none
+    iw_images: int = 128             # validation images (the first ones) that bound is computed on
     checkpoint_every: int = 250
     resume: bool = False
     force: bool = False
@@ -188,10 +207,19 @@ class TrainConfig:
             positive_int(name.replace("_", "-"), getattr(self, name))
         for name in ("max_steps", "limit", "eval_images", "workers"):
             positive_int(name.replace("_", "-"), getattr(self, name), allow_none=True)
+        positive_int("iw-images", self.iw_images)
+        for name in ("iw_samples", "beta_warmup"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"{name.replace('_', '-')} must be an integer >= 0 (0 turns it off), got {value!r}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}")
         need(math.isfinite(self.beta) and self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-        need(math.isfinite(self.recon_variance) and self.recon_variance > 0,
-             f"recon-variance must be positive, got {self.recon_variance}")
+        if self.recon_variance == "learned":
+            need(self.recon == "gaussian", f"--recon-variance learned needs --recon gaussian (got --recon {self.recon})")
+        else:
+            need(isinstance(self.recon_variance, (int, float)) and math.isfinite(self.recon_variance)
+                 and self.recon_variance > 0, f"recon-variance must be a positive number or 'learned', "
+                 f"got {self.recon_variance!r}")
         halvings = len(PRESETS[self.preset]["channels"])
         m = 2 ** halvings
         near = " or ".join(str(v) for v in (self.image_size // m * m, self.image_size // m * m + m) if v >= max(8, m))
@@ -217,7 +245,7 @@ class TrainConfig:
 def prepare_out_dir(out, resume=False, force=False, clear=True) -> Path:
     """Make the run folder ready: refuse to touch a non-empty one unless resuming or forced; returns its Path.
 
-    ``force`` deletes only the files a run writes (``OUTPUTS``), never anything else found there; with
+    ``force`` deletes only the files a run writes (``RUN_FILES``), never anything else found there; with
     ``clear=False`` nothing is deleted or created, the folder is only checked.
     """
     out = Path(out)
@@ -237,7 +265,7 @@ def prepare_out_dir(out, resume=False, force=False, clear=True) -> Path:
                           "overwrite its outputs, or --out DIR for a new folder")
     if clear:
         for name in present:
-            if name in OUTPUTS or name.startswith(CHECKPOINT + ".tmp"):
+            if name in RUN_FILES or name.startswith(CHECKPOINT + ".tmp"):
                 (out / name).unlink()
         out.mkdir(parents=True, exist_ok=True)
     return out
@@ -428,6 +456,26 @@ class CsvLog:
             pass  # the flush of a row that did not fit: the write already reported it
 
 
+def warmup_beta(step, beta, warmup) -> float:
+    """The KL weight of update ``step`` (1-based): beta (step - 1) / warmup for the first ``warmup`` updates, then beta.
+
+    KL warm-up: the first updates weigh the KL little or not at all, so the encoder learns to carry information
+    before the KL pulls q(z|x) to the prior (the usual remedy for a KL that collapses to zero early).
+    It depends on the step alone, so a resumed run uses the same betas.
+    """
+    return beta if warmup <= 0 else beta * min(1.0, max(step - 1, 0) / warmup)
+
+
+def decoder_variance(model):
+    """The decoder variance s^2 in force (learned or fixed; 1/2 for the squared error), or "" for Bernoulli."""
+    recon = model.recon
+    if hasattr(recon, "current_variance"):
+        return recon.current_variance()
+    if hasattr(recon, "variance"):
+        return recon.variance
+    return 0.5 if recon.name == "sse" else ""
+
+
 def read_csv(path) -> list:
     """The rows of a CSV file as dicts of strings (empty list if the file is missing)."""
     if not os.path.exists(path):
@@ -437,7 +485,8 @@ def read_csv(path) -> list:
 
 
 def read_log(path, fields) -> tuple:
-    """The rows of a run's CSV log whose fields are all numbers, and a list of the lines dropped (with why).
+    """The rows of a run's CSV log whose fields are all numbers (``OPTIONAL_FIELDS`` may also be empty, or absent
+    from an older log), and a list of the lines dropped (with why).
 
     A log is the user's record, and a power loss or a full disk can leave it with a cut-off last row, a tail of
     NUL bytes, or garbage: every readable row is kept (as a dict of strings over ``fields``), and the rest are
@@ -451,7 +500,7 @@ def read_log(path, fields) -> tuple:
     if lines and lines[-1] == "":
         lines.pop()
     header = next(csv.reader([lines[0].rstrip("\r").replace("\0", "")]), []) if lines else []
-    lacking = [k for k in fields if k not in header]
+    lacking = [k for k in fields if k not in header and k not in OPTIONAL_FIELDS]
     if lacking:
         return [], [f"{Path(path).name} has no columns {', '.join(lacking)} (its header is {lines[0][:60]!r}): "
                     f"none of its {max(len(lines) - 1, 0)} rows can be used"] if lines else []
@@ -462,10 +511,11 @@ def read_log(path, fields) -> tuple:
             continue  # a blank line holds no row to lose
         values = next(csv.reader([line.replace("\0", "")]), []) if "\0" not in line else None
         row = dict(zip(header, values)) if values is not None and len(values) == len(header) else None
-        if row is None or not all(_is_number(row[k]) for k in fields) or not row["step"].isdigit():
+        if row is None or not all(_is_number(row[k]) if k in row and (row[k] or k not in OPTIONAL_FIELDS)
+                                  else k in OPTIONAL_FIELDS for k in fields) or not row["step"].isdigit():
             dropped.append(number)
             continue
-        rows.append({k: row[k] for k in fields})
+        rows.append({k: row.get(k, "") for k in fields})
     if dropped:
         shown = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
         example = lines[dropped[0] - 1][:40].replace("\0", "\\0")
@@ -499,6 +549,60 @@ def evaluate_images(model, images, batch_size, seed) -> dict:
             totals[k] = totals.get(k, 0.0) + v * len(x)
         n += len(x)
     return {k: v / n for k, v in totals.items()}
+
+
+def importance_sampled_images(model, images, k, batch_size, seed):
+    """``VAE.importance_bounds`` over uint8 images in batches: per image, ``({j: L_j}, elbo)`` as float64 arrays.
+
+    Batch i draws its samples from ``rng((seed, IW_STREAM, i))``: every evaluation sees the same noise.
+    """
+    import numpy  # noqa: PLC0415
+    from .data import Batches  # noqa: PLC0415
+
+    bounds, elbos = {}, []
+    for i, x in enumerate(Batches(images, batch_size, shuffle=False, drop_last=False).epoch(0)):
+        b, elbo = model.importance_bounds(x, k, rng=backend.rng((seed, IW_STREAM, i)))
+        for j, v in b.items():
+            bounds.setdefault(j, []).append(v)
+        elbos.append(elbo)
+    return {j: numpy.concatenate(v) for j, v in bounds.items()}, numpy.concatenate(elbos)
+
+
+def write_iw_bounds(path, bounds, elbo) -> None:
+    """Write ``iw_bounds.csv``: per image, -ELBO and -L_k for each k, in nats (atomically)."""
+    ks = sorted(bounds)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "neg_elbo_nats"] + [f"neg_L_{k}" for k in ks])
+        for i in range(len(elbo)):
+            w.writerow([i, repr(-float(elbo[i]))] + [repr(-float(bounds[k][i])) for k in ks])
+    os.replace(tmp, path)
+
+
+def read_iw_bounds(path):
+    """``iw_bounds.csv`` back: ``(ks, -ELBO (n,), -L (n, len(ks)))`` as NumPy arrays, or None if there is none."""
+    import numpy  # noqa: PLC0415
+
+    rows = read_csv(path)
+    if not rows:
+        return None
+    ks = [int(c[len("neg_L_"):]) for c in rows[0] if c.startswith("neg_L_")]
+    neg_elbo = numpy.array([float(r["neg_elbo_nats"]) for r in rows])
+    neg_l = numpy.array([[float(r[f"neg_L_{k}"]) for k in ks] for r in rows])
+    return ks, neg_elbo, neg_l
+
+
+def summarise_iw_bounds(path, seconds=None):
+    """summary.json's account of ``iw_bounds.csv``: k, the images, their mean -ELBO, -L_k and gap, -L_j for every j
+    (nats per image), and the seconds the evaluation took when measured in this session; None without the file."""
+    found = read_iw_bounds(path)
+    if found is None:
+        return None
+    ks, neg_elbo, neg_l = found
+    return {"k": ks[-1], "images": len(neg_elbo), "neg_elbo_nats": float(neg_elbo.mean()),
+            "neg_log_px_nats": float(neg_l[:, -1].mean()), "elbo_gap_nats": float((neg_elbo - neg_l[:, -1]).mean()),
+            "neg_log_px_by_k": {str(k): float(neg_l[:, j].mean()) for j, k in enumerate(ks)}, "seconds": seconds}
 
 
 # ---- the run's health --------------------------------------------------------------------------------------
@@ -662,6 +766,7 @@ def train(config: TrainConfig) -> dict:
     per_epoch = len(batches)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.epochs * per_epoch, cfg.max_steps)
     valid = dataset.valid.images if cfg.eval_images is None else dataset.valid.images[: cfg.eval_images]
+    iw_valid = dataset.valid.images[: cfg.iw_images]
     heldout = backend.to_host(dataset.valid.images[:HELDOUT_IMAGES]).copy()
 
     step, saved, train_seconds = 0, None, 0.0
@@ -713,7 +818,7 @@ def train(config: TrainConfig) -> dict:
     if stored is not None:
         # Rows written after the checkpoint (a crash, or a NaN) are replayed, so they are dropped here; damaged
         # rows are dropped too, and said so, and the log as it was is kept beside it.
-        for name, fields, rows in ((LOG, LOG_FIELDS, log_rows), (EVAL, EVAL_FIELDS, eval_rows)):
+        for name, fields, rows in ((LOG, LOG_FIELDS, log_rows), (EVAL, EVAL_COLUMNS, eval_rows)):
             good, dropped = read_log(out / name, fields)
             rows += [r for r in good if int(r["step"]) <= step]
             if dropped:
@@ -722,11 +827,12 @@ def train(config: TrainConfig) -> dict:
         _say(f"resuming {out} at step {step} (epoch {step // per_epoch + 1}, batch {step % per_epoch})")
     log = guarded(LOG, CsvLog, out / LOG, LOG_FIELDS, log_rows)
     try:
-        evals = guarded(EVAL, CsvLog, out / EVAL, EVAL_FIELDS, eval_rows)
+        evals = guarded(EVAL, CsvLog, out / EVAL, EVAL_COLUMNS, eval_rows)
     except CannotContinue:
         log.close()
         raise
-    last_eval = {k: float(v) for k, v in eval_rows[-1].items()} if eval_rows else None
+    # (the importance-sampled columns are empty where that evaluation had none)
+    last_eval = {k: float(v) for k, v in eval_rows[-1].items() if v != ""} if eval_rows else None
     if last_eval is not None and not all(map(math.isfinite, last_eval.values())):
         last_eval = None  # a NaN row an older version wrote: evaluated again at the end
     _say(f"model: preset {cfg.preset}, latent {cfg.latent_dim}, {model.num_parameters():,} parameters, "
@@ -751,6 +857,7 @@ def train(config: TrainConfig) -> dict:
         return at_step
 
     def evaluate(at_step):
+        model.beta = cfg.beta  # held-out losses at the run's beta, whatever the warm-up (each update sets its own)
         metrics = evaluate_images(model, valid, cfg.batch_size, cfg.seed)
         if not all(math.isfinite(v) for v in metrics.values()):
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -759,11 +866,33 @@ def train(config: TrainConfig) -> dict:
                                 f"in {ckpt_path}; continue from it with a lower learning rate, e.g. --resume --lr "
                                 f"{cfg.lr / 10:g}", at_step)
         row = {"step": at_step, "epoch": round(at_step / per_epoch, 4), **metrics}
-        guarded(EVAL, evals.write, row)
         _say(f"step {at_step} (epoch {row['epoch']:g}) held-out: -ELBO {metrics['neg_elbo_nats']:.2f} nats/image "
              f"= {metrics['bits_per_dim']:.4f} bits/dim, recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}, "
              f"MSE {metrics['mse']:.5f}")
+        # the importance-sampled -log p(x) on the first --iw-images: in every row with the same cheap k, so that the
+        # rows do not depend on where the run ends (a resumed or extended run writes the same ones) ...
+        if k := min(IW_EVAL_SAMPLES, cfg.iw_samples):
+            bounds, elbo, seconds = iw_evaluation(k)
+            row.update({"iw_k": k, "iw_images": len(elbo), "iw_neg_elbo_nats": -float(elbo.mean()),
+                        "neg_log_px_nats": -float(bounds[k].mean()), "elbo_gap_nats": float((bounds[k] - elbo).mean())})
+        guarded(EVAL, evals.write, row)
+        # ... and at the end with --iw-samples, per image into iw_bounds.csv (the figure) and into summary.json
+        if at_step >= total and cfg.iw_samples:
+            bounds, elbo, final_iw["seconds"] = iw_evaluation(cfg.iw_samples)
+            guarded(IW_BOUNDS, write_iw_bounds, out / IW_BOUNDS, bounds, elbo)
+        elif at_step >= total and (out / IW_BOUNDS).exists():
+            (out / IW_BOUNDS).unlink()  # a stale one, from before --iw-samples 0
         return row
+
+    def iw_evaluation(k):
+        tick = time.perf_counter()
+        bounds, elbo = importance_sampled_images(model, iw_valid, k, cfg.batch_size, cfg.seed)
+        seconds = round(time.perf_counter() - tick, 2)
+        _say(f"  on {len(elbo)} of them, {k} samples of q(z|x) each: -log p(x) <= -L_{k} = {-bounds[k].mean():.2f} "
+             f"nats/image, -ELBO {-elbo.mean():.2f}, gap L_{k} - ELBO {(bounds[k] - elbo).mean():.2f} ({seconds:.1f} s)")
+        return bounds, elbo, seconds
+
+    final_iw = {"seconds": None}
 
     loop_start = time.perf_counter()
     updating, bar = False, None
@@ -780,6 +909,8 @@ def train(config: TrainConfig) -> dict:
                 tick = time.perf_counter()
                 for x in batches.epoch(epoch, start=start):
                     updating = True
+                    model.beta = warmup_beta(step + 1, cfg.beta, cfg.beta_warmup)  # the KL weight of this update
+                    variance = decoder_variance(model)  # s^2 in force for this update (it changes when learned)
                     try:
                         logs = model.train_step(x, optimizer, rng=backend.rng((cfg.seed, NOISE_STREAM, step + 1)))
                     except NonFiniteLossError as e:
@@ -799,7 +930,8 @@ def train(config: TrainConfig) -> dict:
                     rate = len(x) / max(time.perf_counter() - tick, 1e-9)  # data fetch + update
                     guarded(LOG, log.write, {"step": step, "epoch": epoch + 1,
                                              **{k: logs[k] for k in ("recon", "kl", "loss")},
-                                             "lr": float(optimizer.lr), "images_per_s": round(rate, 2)})
+                                             "lr": float(optimizer.lr), "images_per_s": round(rate, 2),
+                                             "beta": model.beta, "decoder_variance": variance})
                     for k, v in (("img/s", rate), ("recon", logs["recon"]), ("kl", logs["kl"])):
                         smooth[k] = v if k not in smooth else 0.9 * smooth[k] + 0.1 * v
                     bar.set_postfix({k: f"{v:.1f}" if k == "img/s" else f"{v:.4g}" for k, v in smooth.items()},
@@ -846,6 +978,8 @@ def train(config: TrainConfig) -> dict:
                "train_seconds_total": round(train_seconds + time.perf_counter() - loop_start, 2),
                "device": backend.device_name(), "data": dataset.source,
                "final_eval": {k: v for k, v in last_eval.items() if k not in ("step", "epoch")},
+               "importance_sampled": summarise_iw_bounds(out / IW_BOUNDS, final_iw["seconds"]) if cfg.iw_samples
+               else None,
                "config": dataclasses.asdict(cfg)}
     tmp = out / f"{SUMMARY}.tmp"
     try:
@@ -871,7 +1005,8 @@ def _loss_advice(cfg, step, saved) -> str:
     if saved is not None and saved < step:  # updates were made since the checkpoint: smaller ones may go elsewhere
         return f"Continue from it with a lower learning rate, e.g. --resume --lr {cfg.lr / 10:g}"
     weights = "the initial weights" if step == 0 else "the checkpoint's weights"
-    scale = [f"--beta {cfg.beta:g}"] + ([f"--recon-variance {cfg.recon_variance:g}"] if cfg.recon == "gaussian" else [])
+    variance = cfg.recon_variance if isinstance(cfg.recon_variance, str) else f"{cfg.recon_variance:g}"  # or learned
+    scale = [f"--beta {cfg.beta:g}"] + ([f"--recon-variance {variance}"] if cfg.recon == "gaussian" else [])
     return (f"The loss is not finite for {weights} themselves, before any update, so a lower learning rate cannot "
             f"help: check the options that scale the loss ({', '.join(scale)}) and the data for NaN pixels. Those "
             "options must match on resume, so start a new run: the same command with --force, or --out DIR")

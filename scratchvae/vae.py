@@ -133,6 +133,59 @@ class GaussianNLL(SquaredError):
         return 0.0
 
 
+class LearnedGaussianNLL(SquaredError):
+    r"""Gaussian decoder whose variance :math:`s^2` is trained with the networks; the parameter is
+    :math:`t = \log s^2` (``PARAM``, a scalar of the model, so it is checkpointed and updated by Adam):
+    :math:`-\log p(x|z) = \mathrm{SSE} / (2 s^2) + \tfrac D2 (\log 2\pi + t)`, SSE = :math:`\|x - f(z)\|^2`.
+
+    The decoder variance is beta: with :math:`s^2` fixed, :math:`\mathrm{SSE}/(2 s^2) + KL` times :math:`2 s^2 > 0`
+    is :math:`\mathrm{SSE} + 2 s^2\, KL`, so minimising one minimises the other: :math:`\beta = 2 s^2`, and the
+    derivation's :math:`s^2 = 1/2` is :math:`\beta = 1`. Learning :math:`s^2` learns the trade-off.
+    """
+
+    name = "gaussian"
+    PARAM = "decoder_log_variance"
+
+    def __init__(self, initial=0.5):
+        self.initial = float(initial)
+        self.owner = None
+
+    def attach(self, module):
+        """Register :math:`t = \\log s^2` (starting at log ``initial``) as a parameter of ``module`` (the VAE)."""
+        xp = backend.get_xp()
+        module._add_param(self.PARAM, xp.full((1,), math.log(self.initial), dtype=backend.get_default_dtype()))
+        self.owner = module
+
+    def log_variance(self):
+        """The parameter t = log s^2, a ``(1,)`` array (a view into the model's parameters)."""
+        return self.owner.params[self.PARAM]
+
+    def current_variance(self):
+        """s^2 as a Python float (a host transfer)."""
+        return math.exp(to_float(self.log_variance()[0]))
+
+    def nll(self, x, out):
+        """Gaussian negative log-likelihood in nats per sample and image, ``(m, N)``, at the current s^2."""
+        t = self.log_variance()
+        self._sse = super().nll(x, out)  # kept for nll_backward, as a layer keeps its input
+        return self._sse * (0.5 * array_module(t).exp(-t)) + 0.5 * x[0].size * (math.log(2 * math.pi) + t)
+
+    def nll_backward(self, dnll, x, out):
+        r"""d/d out: (f(z) - x) / s^2 * dnll; and into the parameter's gradient, summed over samples and images,
+
+        :math:`\partial(-\log p)/\partial t = \tfrac D2 - \mathrm{SSE} / (2 s^2)`, zero at :math:`s^2 = \mathrm{SSE}/D`:
+        the optimum of the batch's loss is the mean squared error per pixel, :math:`s^2 = \overline{\mathrm{SSE}} / D`.
+        """
+        t = self.log_variance()
+        half_precision = 0.5 * array_module(t).exp(-t)
+        self.owner.grads[self.PARAM] += (dnll * (0.5 * x[0].size - self._sse * half_precision)).sum()
+        return super().nll_backward(dnll, x, out) * half_precision
+
+    def nats_offset(self, num_pixels):
+        """Zero: ``nll`` already includes the normalising constant."""
+        return 0.0
+
+
 class BernoulliNLL:
     r"""Bernoulli decoder on logits l: :math:`-\log p(x|z) = \sum_k \mathrm{softplus}(l_k) - x_k l_k`
     (binary cross-entropy), computed as :math:`\max(l, 0) - x l + \log(1 + e^{-|l|})`, which never overflows."""
@@ -159,9 +212,14 @@ RECONSTRUCTIONS = {"sse": SquaredError, "gaussian": GaussianNLL, "bce": Bernoull
 
 
 def make_reconstruction(name, variance=0.5):
-    """The reconstruction term called ``name`` ('sse', 'gaussian' or 'bce')."""
+    """The reconstruction term called ``name`` ('sse', 'gaussian' or 'bce'); ``variance="learned"`` with 'gaussian'
+    makes s^2 a parameter (``LearnedGaussianNLL``, which the model must ``attach``)."""
     if name not in RECONSTRUCTIONS:
         raise ValueError(f"unknown reconstruction {name!r}; choose one of {sorted(RECONSTRUCTIONS)}")
+    if variance == "learned":
+        if name != "gaussian":
+            raise ValueError(f"a learned decoder variance needs recon 'gaussian', not {name!r}")
+        return LearnedGaussianNLL()
     return GaussianNLL(variance) if name == "gaussian" else RECONSTRUCTIONS[name]()
 
 
@@ -217,7 +275,124 @@ def prior_mc_nll_backward(dout, nll):
     return w * dout
 
 
-# ---- 6. The model ------------------------------------------------------------------------------------------
+# ---- 6. Importance sampling: log p(x) itself, and how far below it the ELBO lies ----------------------------
+# The ELBO is log p(x) - KL(q(z|x) || p(z|x)); the second term cannot be computed, but with k samples of q
+#     log p(x) >= L_k = E[ log (1/k) sum_i w_i ],   w_i = p(x|z_i) p(z_i) / q(z_i|x),   z_i ~ q(z|x),
+# with L_1 the ELBO, L_k <= L_{k+1}, and L_k -> log p(x) as k grows (Burda et al., the IWAE bound). So
+# L_k - ELBO is a lower bound on the hidden KL(q(z|x) || p(z|x)) that closes in on it as k grows.
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_prior(z):
+    r"""log p(z) for p(z) = N(0, I): :math:`-\tfrac12 \sum_j (z_j^2 + \log 2\pi)` over the last axis, in nats."""
+    return -0.5 * ((z * z).sum(axis=-1) + z.shape[-1] * LOG_2PI)
+
+
+def log_posterior(eps, logvar):
+    r"""log q(z|x) at z = mu + sigma * eps: :math:`-\tfrac12 \sum_j (\epsilon_j^2 + \mathrm{logvar}_j + \log 2\pi)`,
+    since :math:`(z - \mu) / \sigma = \epsilon`. ``eps`` ``(k, N, d)``, ``logvar`` ``(N, d)``; returns ``(k, N)`` nats."""
+    return -0.5 * ((eps * eps).sum(axis=-1) + logvar.sum(axis=-1) + eps.shape[-1] * LOG_2PI)
+
+
+def importance_log_weights(log_px_given_z, z, eps, logvar):
+    r""":math:`\log w_i = \log p(x|z_i) + \log p(z_i) - \log q(z_i|x)`, each ``(k, N)``."""
+    return log_px_given_z + log_prior(z) - log_posterior(eps, logvar)
+
+
+class ImportanceBounds:
+    r"""Estimates of :math:`L_k` per image for several k at once, from log-weights given a chunk at a time.
+
+    For each k the samples are cut into consecutive groups of k, and the estimate is the mean over groups of
+    :math:`\mathrm{logsumexp}_{i \in \mathrm{group}} \log w_i - \log k` (each group an unbiased draw of L_k;
+    samples left over after the last whole group are not used). Each group's log-sum-exp is kept as a running
+    maximum and sum of exponentials, so a group may straddle chunks: memory is O(N) per k, whatever k is.
+    Sums are in float64, since the log-weights are thousands of nats and the gaps a few.
+    """
+
+    def __init__(self, ks, xp):
+        self.ks = sorted({int(k) for k in ks})
+        if not self.ks or self.ks[0] < 1:
+            raise ValueError(f"the ks must be positive integers, got {ks}")
+        self.xp = xp
+        self.state = {k: {"top": None, "sumexp": None, "count": 0, "total": 0.0, "groups": 0} for k in self.ks}
+
+    def _fold(self, st, rows):
+        # merge rows (r, N) into the group's running (top, sumexp): sum exp(a) = exp(top) * sumexp
+        xp, top = self.xp, rows.max(axis=0)
+        if st["top"] is None:
+            st["top"], st["sumexp"] = top, xp.exp(rows - top).sum(axis=0)
+        else:
+            new = xp.maximum(st["top"], top)
+            st["sumexp"] = st["sumexp"] * xp.exp(st["top"] - new) + xp.exp(rows - new).sum(axis=0)
+            st["top"] = new
+        st["count"] += len(rows)
+
+    def _close(self, st, k):
+        st["total"] = st["total"] + st["top"] + self.xp.log(st["sumexp"]) - math.log(k)
+        st["groups"] += 1
+        st["top"], st["sumexp"], st["count"] = None, None, 0
+
+    def add(self, log_w):
+        """Take the next chunk of log-weights, ``(c, N)`` (samples along the first axis)."""
+        log_w = log_w.astype(self.xp.float64)
+        for k, st in self.state.items():
+            pos, c = 0, len(log_w)
+            if st["count"]:  # finish the group the last chunk left open
+                take = min(k - st["count"], c)
+                self._fold(st, log_w[:take])
+                pos = take
+                if st["count"] == k:
+                    self._close(st, k)
+            whole = (c - pos) // k
+            if whole:
+                block = log_w[pos:pos + whole * k].reshape(whole, k, -1)
+                st["total"] = st["total"] + (logsumexp(block, axis=1) - math.log(k)).sum(axis=0)
+                st["groups"] += whole
+                pos += whole * k
+            if pos < c:
+                self._fold(st, log_w[pos:])
+
+    def bounds(self):
+        """``{k: L_k per image (N,)}`` for every k with at least one whole group."""
+        return {k: st["total"] / st["groups"] for k, st in self.state.items() if st["groups"]}
+
+
+def power_of_two_ks(k):
+    """1, 2, 4, ... up to ``k``, and ``k`` itself: the ks at which the bound is reported."""
+    ks = [1 << j for j in range(int(k).bit_length()) if 1 << j <= k]
+    return ks + ([int(k)] if ks[-1] != k else [])
+
+
+def importance_sampled_bounds(log_px_given_z, mu, logvar, k, draw_eps, chunk, ks=None):
+    r"""L_j per image for j in ``ks`` (default ``power_of_two_ks(k)``) from k samples of q(z|x) = N(mu, diag e^logvar),
+    and the ELBO from the same samples, :math:`\frac1k \sum_i \log p(x|z_i) - KL(q \| p)`.
+
+    ``log_px_given_z(z)`` maps latents ``(c, N, d)`` to :math:`\log p(x|z)` ``(c, N)`` in nats; ``draw_eps(c)`` returns
+    the next ``c`` noise vectors ``(c, N, d)``; samples are drawn and decoded ``chunk`` per image at a time, so memory
+    does not grow with k. Returns ``({j: (N,)}, elbo (N,))``, float64 arrays of mu's module.
+    """
+    xp = array_module(mu)
+    if k < 1 or chunk < 1:
+        raise ValueError(f"need k >= 1 samples and chunks of >= 1, got k={k}, chunk={chunk}")
+    acc = ImportanceBounds(power_of_two_ks(k) if ks is None else ks, xp)
+    if acc.ks[-1] > k:
+        raise ValueError(f"cannot report L_{acc.ks[-1]} from {k} samples")
+    mean_log_px = 0.0
+    for start in range(0, k, chunk):
+        eps = draw_eps(min(chunk, k - start))
+        z = reparameterize(mu, logvar, eps)
+        log_px = log_px_given_z(z)
+        acc.add(importance_log_weights(log_px, z, eps, logvar))
+        mean_log_px = mean_log_px + log_px.astype(xp.float64).sum(axis=0) / k
+    return acc.bounds(), mean_log_px - kl_divergence(mu.astype(xp.float64), logvar.astype(xp.float64))
+
+
+PRIOR_RECON_SAMPLES = 64  # prior draws per image for the prior-mc model's "reconstruction" (it has no encoder)
+IW_DECODES = 256  # images decoded per call by the importance-sampled bound: its memory, whatever k
+
+
+# ---- 7. The model ------------------------------------------------------------------------------------------
 
 PRESETS = {
     # the widely used 64x64 CelebA conv VAE: five 3x3 stride-2 convs, latent 128
@@ -294,6 +469,8 @@ class VAE(Module):
                        "in_channels": in_channels, "recon": recon, "recon_variance": recon_variance,
                        "beta": beta, "mc_samples": mc_samples, "objective": objective, "seed": seed}
         self.recon = make_reconstruction(recon, recon_variance)
+        if hasattr(self.recon, "attach"):  # a learned decoder variance: a parameter of the model, saved and trained
+            self.recon.attach(self)
         self.beta, self.mc_samples, self.objective = beta, mc_samples, objective
         self.latent_dim = latent_dim
         self._own_noise_calls = 0  # see own_rng
@@ -478,9 +655,22 @@ class VAE(Module):
         z = rng.standard_normal((n, self.latent_dim)).astype(backend.get_default_dtype())
         return self.in_eval(lambda: self.output_to_image(self.decode(z)))
 
-    def reconstruct(self, x):
-        """Decodes of the posterior means mu(x): images ``(N, C, H, W)`` in [0, 1] (eval mode)."""
+    def reconstruct(self, x, rng=None):
+        """Decodes of the posterior means mu(x): images ``(N, C, H, W)`` in [0, 1] (eval mode).
+
+        The prior-mc objective has no encoder: there, each image's best of ``PRIOR_RECON_SAMPLES`` prior draws
+        (the largest p(x|z)), the closest the model comes to x when z is drawn from the prior.
+        """
+        if self.objective == "prior-mc":
+            self.check_images(x)
+            return self.in_eval(lambda: self._best_prior_decode(x, rng or self.own_rng()))
         return self.in_eval(lambda: self.output_to_image(self.decode(self.encode(x)[0])))
+
+    def _best_prior_decode(self, x, rng):
+        xp = array_module(x)
+        out = self.decode(rng.standard_normal((PRIOR_RECON_SAMPLES, x.shape[0], self.latent_dim)).astype(x.dtype))
+        best = self.recon.nll(x, out).argmin(axis=0)
+        return self.output_to_image(out[best, xp.arange(x.shape[0])])
 
     def evaluate(self, x, eps=None, rng=None):
         """Held-out figures for a batch, no update, eval-mode BatchNorm. Python floats, per image unless noted:
@@ -509,6 +699,39 @@ class VAE(Module):
                     "recon": to_float(recon.mean()), "kl": to_float(kl.mean()),
                     "loss": to_float((recon + self.beta * kl).mean()), "mse": to_float(mse)}
         return self.in_eval(run)
+
+    def importance_bounds(self, x, k, ks=None, chunk=None, rng=None):
+        r"""Per image, in nats with every constant: :math:`L_j` for j in ``ks`` (default 1, 2, 4, ..., k) from k
+        samples of q(z|x), and the ELBO from the same samples (see ``importance_sampled_bounds``); eval-mode BatchNorm.
+
+        For the prior-mc objective, which has no encoder, the proposal is the prior itself (q = p(z), KL = 0).
+        The samples are decoded ``chunk`` per image at a time (default: ``IW_DECODES // N``, at least 1), drawn in
+        that order from ``rng`` (NumPy draws the same numbers whatever the chunk). Returns
+        ``({j: (N,)}, elbo (N,))`` as float64 host arrays.
+        """
+        self.check_images(x)
+        xp = array_module(x)
+        rng = rng or self.own_rng()
+        chunk = chunk or max(1, IW_DECODES // x.shape[0])
+        offset = self.recon.nats_offset(x[0].size)
+
+        def log_px_given_z(z):  # log p(x|z) = -(nll + constant), summed in float64: thousands of nats, gaps of a few
+            return -(self.recon.nll(x, self.decode(z)).astype(xp.float64) + offset)
+
+        def run():
+            if self.objective == "prior-mc":
+                mu = logvar = xp.zeros((x.shape[0], self.latent_dim), dtype=x.dtype)
+            else:
+                mu, logvar = self.encode(x)
+            return importance_sampled_bounds(log_px_given_z, mu, logvar, k, chunk=chunk, ks=ks, draw_eps=lambda c: (
+                rng.standard_normal((c,) + mu.shape).astype(mu.dtype)))
+
+        bounds, elbo = self.in_eval(run)
+        return {j: to_host(v) for j, v in bounds.items()}, to_host(elbo)
+
+    def log_likelihood(self, x, k, chunk=None, rng=None):
+        """The importance-sampled estimate L_k of log p(x) per image, ``(N,)`` host float64 nats (k samples of q)."""
+        return self.importance_bounds(x, k, ks=[k], chunk=chunk, rng=rng)[0][k]
 
     # -- saving -------------------------------------------------------------------------------------------------
     def to_arrays(self):

@@ -296,7 +296,7 @@ def test_a_full_disk_at_a_later_checkpoint_keeps_the_one_before(tmp_path, monkey
 
 @pytest.mark.parametrize("name, quota, says", [
     ("log.csv", 300, "cannot write log.csv"),
-    ("eval.csv", 60, "cannot write eval.csv"),
+    ("eval.csv", 130, "cannot write eval.csv"),  # room for the header (119 bytes), not for a row
     ("summary.json", 0, "cannot write summary.json"),
 ])
 def test_a_full_disk_while_logging(tmp_path, monkeypatch, name, quota, says):
@@ -339,7 +339,8 @@ def test_a_full_disk_while_drawing_keeps_the_figures_there(tmp_path, monkeypatch
         assert changes(before, snapshot(out)) == []
     else:
         assert "done:" in r.out and checkpoint_step(out) == PER_EPOCH
-        assert sorted(p.name for p in out.iterdir()) == sorted(["checkpoint.npz", "log.csv", "eval.csv", "summary.json"])
+        assert sorted(p.name for p in out.iterdir()) == sorted(["checkpoint.npz", "log.csv", "eval.csv", "summary.json",
+                                                                "iw_bounds.csv"])
         assert main("--plot-only", "--out", out).code == 0  # with room again
 
 

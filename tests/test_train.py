@@ -102,7 +102,7 @@ def test_every_output_is_written_and_valid(finished_run):
         assert float(r["loss"]) == pytest.approx(float(r["recon"]) + float(r["kl"]), rel=1e-5)
 
     evals = rows(out / "eval.csv")
-    assert list(evals[0]) == list(train.EVAL_FIELDS)
+    assert list(evals[0]) == list(train.EVAL_COLUMNS)
     assert [int(r["step"]) for r in evals] == [PER_EPOCH * e for e in range(1, 6)]
     for r in evals:
         nats, bpd = float(r["neg_elbo_nats"]), float(r["bits_per_dim"])
