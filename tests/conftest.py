@@ -27,3 +27,11 @@ def f64():
 def engine(request):
     """Each engine in turn: the textbook layers, and the fast ones tested equal to them."""
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def restore_device():
+    """Whatever a test does to the backend's device (the CLI and ``train`` choose one), the next test finds it back."""
+    saved = backend._state["xp"]
+    yield
+    backend._state["xp"] = saved

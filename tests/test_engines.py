@@ -1,7 +1,6 @@
 """Training on either engine through the CLI: the reference engine trains as the fast one does (the same losses to
 rounding), a run may switch engine on resume, and a checkpoint of one engine loads in the other."""
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,19 +9,10 @@ from scratchvae import backend
 from scratchvae.vae import VAE
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("celeba_cli_engines", ROOT / "examples" / "celeba.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
+from cli_module import cli  # noqa: E402
 
 TINY = ["--preset", "tiny", "--image-size", "16", "--limit", "48", "--batch-size", "8", "--lr", "3e-3",
         "--device", "cpu", "--no-progress", "--epochs", "2"]
-
-
-@pytest.fixture(autouse=True)
-def restore_device():
-    saved = backend._state["xp"]
-    yield
-    backend._state["xp"] = saved
 
 
 def losses(out):

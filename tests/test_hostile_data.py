@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from hostile_kit import (PER_EPOCH, celeba_args, changes, fast_figures, faces, finished_run, main,  # noqa: F401
-                         picture, restore_device, snapshot, tiny)
+                         picture, snapshot, tiny)
 from scratchvae import data
 
 

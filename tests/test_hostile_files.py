@@ -14,7 +14,7 @@ import numpy
 import pytest
 
 from hostile_kit import (PER_EPOCH, changes, checkpoint, checkpoint_step, fast_figures, finished_run,  # noqa: F401
-                         full_disk, log_steps, main, read_only, real_figures, restore_device, snapshot, tiny)
+                         full_disk, log_steps, main, read_only, real_figures, snapshot, tiny)
 from scratchvae import train
 from scratchvae.vae import VAE
 

@@ -11,7 +11,7 @@ import numpy
 import pytest
 
 from hostile_kit import (PER_EPOCH, all_finite, changes, checkpoint, checkpoint_step, finished_run, log_steps,
-                         fast_figures, restore_device, script, snapshot, tiny)  # noqa: F401  (fixtures)
+                         fast_figures, script, snapshot, tiny)  # noqa: F401  (fixtures)
 from scratchvae import train
 from scratchvae.vae import VAE
 

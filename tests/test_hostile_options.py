@@ -6,7 +6,7 @@ import os
 import pytest
 
 from hostile_kit import (PER_EPOCH, TINY, changes, checkpoint_step, fast_figures, finished_run, log_steps,  # noqa: F401
-                         main, restore_device, snapshot, tiny)
+                         main, snapshot, tiny)
 
 
 @pytest.mark.parametrize("args, says", [

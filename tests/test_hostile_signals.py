@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hostile_kit import (SCRIPT, faces, log_steps, restore_device, script, script_env,  # noqa: F401
+from hostile_kit import (SCRIPT, faces, log_steps, script, script_env,  # noqa: F401
                          checkpoint_step)
 
 LONG = ["--preset", "tiny", "--image-size", "16", "--limit", "48", "--batch-size", "8", "--epochs", "300",

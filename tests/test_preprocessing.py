@@ -7,7 +7,6 @@ test does not lean on scratchvae's own ``crop_box``. Caches go to tmp_path.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -24,17 +23,7 @@ SAMPLE = ROOT.parent / "shared/data/celeba"
 HAVE_SAMPLE = (SAMPLE / "list_eval_partition.txt").is_file()
 W, H = 178, 218
 
-_spec = importlib.util.spec_from_file_location("celeba_cli_22", ROOT / "examples" / "celeba.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
-
-
-@pytest.fixture(autouse=True)
-def restore_device():
-    """The CLI chooses the device; put back whatever the other tests had."""
-    saved = backend._state["xp"]
-    yield
-    backend._state["xp"] = saved
+from cli_module import cli  # noqa: E402
 
 
 def torchvision_way(path, size=64, resample=Image.Resampling.BILINEAR) -> np.ndarray:

@@ -29,14 +29,6 @@ TINY_CLI = ["--preset", "tiny", "--image-size", "16", "--limit", "48", "--batch-
             "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def restore_device():
-    """train() chooses the device; put back whatever the other tests had."""
-    saved = backend._state["xp"]
-    yield
-    backend._state["xp"] = saved
-
-
 def host(a):
     return backend.to_host(a)
 

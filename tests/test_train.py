@@ -5,7 +5,6 @@ run logs exactly what an uninterrupted one does; a NaN stops the run and keeps t
 a used run folder is never overwritten by accident; bad options give one clear line and status 2.
 """
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -21,22 +20,12 @@ from scratchvae import backend, train
 from scratchvae.vae import VAE
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("celeba_cli", ROOT / "examples" / "celeba.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
+from cli_module import cli  # noqa: E402
 
 # 48 faces of 16x16, batches of 8: 6 steps per epoch; the whole run takes well under a second
 TINY = ["--preset", "tiny", "--image-size", "16", "--limit", "48", "--batch-size", "8", "--lr", "3e-3",
         "--device", "cpu", "--no-progress"]
 PER_EPOCH = 6
-
-
-@pytest.fixture(autouse=True)
-def restore_device():
-    """The CLI chooses the device; put back whatever the other tests had."""
-    saved = backend._state["xp"]
-    yield
-    backend._state["xp"] = saved
 
 
 def run(out, *args):

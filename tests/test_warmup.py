@@ -1,7 +1,6 @@
 """Through the CLI on tiny runs: KL warm-up (its schedule, its log column, exact resume), the learned decoder
 variance's log and figure, and the held-out importance-sampled -log p(x) in eval.csv, summary.json and figures."""
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,20 +9,11 @@ import pytest
 from scratchvae import backend, train
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("celeba_cli_warmup", ROOT / "examples" / "celeba.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
+from cli_module import cli  # noqa: E402
 
 # 48 faces of 16x16 (6 held out), batches of 8: 6 steps per epoch
 TINY = ["--preset", "tiny", "--image-size", "16", "--limit", "48", "--batch-size", "8", "--lr", "3e-3",
         "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def restore_device():
-    saved = backend._state["xp"]
-    yield
-    backend._state["xp"] = saved
 
 
 def run(out, *args):
