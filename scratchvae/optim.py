@@ -44,14 +44,19 @@ class Optimizer:
         """Restore what ``state_dict`` returned (arrays copied onto the parameters' device)."""
         self.t, self.lr = int(state["t"]), float(state["lr"])
         params = {name: p for name, p, _ in self.params}
-        for key, arr in state.items():
-            if "/" not in key:
-                continue
-            name, slot = key.rsplit("/", 1)
-            if name not in params:
-                raise KeyError(f"optimiser state names parameter {name!r}, which the model does not have")
+        for name, slot, arr in parameter_slots(state, params):
             p = params[name]
             self.state[name][slot] = array_module(p).asarray(arr, dtype=p.dtype).reshape(p.shape).copy()
+
+
+def parameter_slots(state, names):
+    """The ``(parameter, slot, array)`` entries of a ``state_dict``; a KeyError for a parameter not in ``names``."""
+    for key, arr in state.items():
+        if "/" in key:
+            name, slot = key.rsplit("/", 1)
+            if name not in names:
+                raise KeyError(f"optimiser state names parameter {name!r}, which the model does not have")
+            yield name, slot, arr
 
 
 class SGD(Optimizer):

@@ -20,27 +20,7 @@ from scratchvae import backend, train
 from scratchvae.vae import VAE
 
 ROOT = Path(__file__).resolve().parents[1]
-from cli_module import cli  # noqa: E402
-
-# 48 faces of 16x16, batches of 8: 6 steps per epoch; the whole run takes well under a second
-TINY = ["--preset", "tiny", "--image-size", "16", "--limit", "48", "--batch-size", "8", "--lr", "3e-3",
-        "--device", "cpu", "--no-progress"]
-PER_EPOCH = 6
-
-
-def run(out, *args):
-    """main() of the CLI on the tiny setup, writing into ``out``; returns the exit status."""
-    return cli.main(TINY + ["--out", str(out), *map(str, args)])
-
-
-def rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def losses(out):
-    """log.csv without the timing column, which no two runs share."""
-    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows(out / "log.csv")]
+from cli_module import PER_EPOCH, TINY, cli, losses, rows, run  # noqa: E402, F401
 
 
 def epoch_evals(out):

@@ -9,24 +9,7 @@ import pytest
 from scratchvae import backend, train
 
 ROOT = Path(__file__).resolve().parents[1]
-from cli_module import cli  # noqa: E402
-
-# 48 faces of 16x16 (6 held out), batches of 8: 6 steps per epoch
-TINY = ["--preset", "tiny", "--image-size", "16", "--limit", "48", "--batch-size", "8", "--lr", "3e-3",
-        "--device", "cpu", "--no-progress"]
-
-
-def run(out, *args):
-    return cli.main(TINY + ["--out", str(out), *map(str, args)])
-
-
-def rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def losses(out):
-    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows(out / "log.csv")]
+from cli_module import PER_EPOCH, TINY, cli, losses, rows, run  # noqa: E402, F401
 
 
 def test_warmup_schedule():

@@ -64,12 +64,7 @@ class Adam(optim.Adam):
         self.t, self.lr = int(state["t"]), float(state["lr"])
         where = {name: (i, offset, shape) for i, (members, _, _) in enumerate(self.groups)
                  for name, offset, shape in members}
-        for key, arr in state.items():
-            if "/" not in key:
-                continue
-            name, slot = key.rsplit("/", 1)
-            if name not in where:
-                raise KeyError(f"optimiser state names parameter {name!r}, which the model does not have")
+        for name, slot, arr in optim.parameter_slots(state, where):
             i, offset, shape = where[name]
             p, group_state = self.groups[i][1], self.state[i]
             xp = array_module(p)
