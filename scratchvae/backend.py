@@ -126,7 +126,7 @@ def as_strided(a, shape, strides):
     """A view of ``a`` with the given shape and byte strides (no copy), on ``a``'s own device; read-only on NumPy
     (CuPy has no such flag, so there it is read-only by convention).
 
-    The convolutions use it to see every kernel window of an image at once; windows overlap, so the
+    The fast engine's convolutions use it to see every kernel window of an image at once; windows overlap, so the
     view must only be read. (CuPy's ``as_strided`` takes no ``subok``; NumPy's needs it to keep subclasses.)
     """
     if type(a).__module__.split(".")[0] == "cupy":

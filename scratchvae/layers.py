@@ -429,18 +429,9 @@ class ReLU(LeakyReLU):
         super().__init__(slope=0.0)
 
 
-def sigmoid(x, out=None):
-    """The logistic function 1 / (1 + exp(-x)), into ``out`` if given.
-
-    -x is clipped to [-80, 80] first, so that exp cannot overflow float32 (e^80 < 3.4e38); that changes
-    only outputs below 1/(1 + e^80), about 2e-35.
-    """
-    xp = array_module(x)
-    y = xp.negative(x, out=out)
-    xp.clip(y, -80, 80, out=y)
-    xp.exp(y, out=y)
-    y += 1
-    return xp.reciprocal(y, out=y)
+def sigmoid(x):
+    """The logistic function 1 / (1 + exp(-x)), with x clipped to [-80, 80] so that exp cannot overflow float32."""
+    return 1 / (1 + array_module(x).exp(-array_module(x).clip(x, -80, 80)))
 
 
 class Sigmoid(Module):

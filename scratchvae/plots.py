@@ -227,7 +227,7 @@ def plot_elbo_gap(path, ks, neg_elbo, neg_l, title_note=""):
     hist.set_ylabel("images")
     hist.set_title(f"the gap per image, k = {ks[-1]}", fontsize=10)
     hist.legend()
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -254,7 +254,7 @@ def plot_decoder_variance(path, rows, num_pixels):
     ax.set_title(f"decoder variance learned: s^2 = {s2[-1]:.4g} at the end (beta = {2 * s2[-1]:.4g})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -295,7 +295,7 @@ def plot_comparison(runs, path, n=12, ncol=6, seed=0, scale=2, colors=None):
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{label}\n{note}\n{what}" if ax is axes[0, col] else what, fontsize=9)
-    fig.savefig(path)
+    save_figure(fig, path)
     if colors:
         _reduce_colors(path, colors)
     return path

@@ -435,19 +435,24 @@ class VAE(Module):
     engine = "reference"
     layers = layers  # the engine's layer classes
 
-    def __new__(cls, *args, engine="fast", **kwargs):
-        if engine not in ENGINES:
+    # VAE(engine="fast") builds a FastVAE, the subclass with the fast layers, as pathlib's Path() builds a PosixPath;
+    # copies and pickles pass their engine back in (__getnewargs_ex__), so they keep it
+    def __new__(cls, *args, engine=None, **kwargs):
+        if engine is not None and engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
-        if cls is VAE and engine == "fast":  # VAE(engine="fast") is a FastVAE, as Path() is a PosixPath
+        if cls is VAE and (engine or "fast") == "fast":
             from .fast.vae import FastVAE  # noqa: PLC0415  (the fast engine builds on this module)
             cls = FastVAE
+        elif cls is not VAE and engine not in (None, cls.engine):
+            raise ValueError(f"{cls.__name__} is the {cls.engine} engine's VAE; for the {engine} engine build "
+                             f"VAE(engine={engine!r})")
         return super().__new__(cls)
 
-    def __getnewargs_ex__(self):  # so that copies and pickles keep their engine
+    def __getnewargs_ex__(self):
         return (), {"engine": self.engine}
 
     def __init__(self, image_size=64, channels=None, latent_dim=None, in_channels=3, preset="default",
-                 recon="sse", recon_variance=0.5, beta=1.0, mc_samples=1, objective="elbo", seed=0, engine="fast"):
+                 recon="sse", recon_variance=0.5, beta=1.0, mc_samples=1, objective="elbo", seed=0, engine=None):
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -754,7 +759,7 @@ class VAE(Module):
     @classmethod
     def from_config(cls, config, engine="fast"):
         """A fresh VAE on ``engine`` built from a ``config`` dict (as saved in files and checkpoints)."""
-        return cls(**{k: v for k, v in config.items() if k in _VAE_ARGS}, engine=engine)
+        return VAE(**{k: v for k, v in config.items() if k in _VAE_ARGS}, engine=engine)
 
     @classmethod
     def load(cls, path, engine="fast"):

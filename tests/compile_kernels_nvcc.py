@@ -2,7 +2,7 @@
 
     python tests/compile_kernels_nvcc.py          # needs CuPy importable (no GPU) and nvcc on PATH
 
-The tests run ``scratchvae.kernels`` on the stand-in device, which compiles each body as C++ with g++; this
+The tests run ``scratchvae.fast.kernels`` on the stand-in device, which compiles each body as C++ with g++; this
 script compiles them as CUDA, the way CuPy would: each ``ElementwiseKernel``'s source comes from CuPy's own
 code generator (``cupy._core._kernel._get_elementwise_kernel_code``, with the argument descriptions CuPy
 would make for the arrays and scalars the layers pass), each ``ReductionKernel``'s from a copy of CuPy's
@@ -22,7 +22,7 @@ import cupy
 from cupy._core import _kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from scratchvae import kernels  # noqa: E402
+from scratchvae.fast import kernels  # noqa: E402
 
 NDARRAY, INDEXER, SCALAR = 1, 2, 3  # CuPy 14's _ArgKind values
 INCLUDE = os.path.join(os.path.dirname(cupy.__file__), "_core", "include")

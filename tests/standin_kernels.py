@@ -1,6 +1,6 @@
 """CuPy's ``ElementwiseKernel`` and ``ReductionKernel`` for the stand-in device: the same CUDA C, run on the CPU.
 
-The package's GPU path fuses some layers into user-defined kernels whose bodies are CUDA C (``scratchvae.kernels``).
+The package's GPU path fuses some layers into user-defined kernels whose bodies are CUDA C (``scratchvae.fast.kernels``).
 Without a GPU those bodies would go unchecked; here each is compiled with the host's C++ compiler into a plain
 loop over the elements and run on the stand-in's arrays, so that the tests compare its numbers with the NumPy
 path's. What this emulates of CuPy's rules (from its documentation of the two classes):

@@ -79,3 +79,36 @@ def test_the_health_check_sees_a_nan_in_any_array_a_step_changes(engine):
         assert name in non_finite_state(model, optimizer), name
         array.flat[0] = saved
     assert non_finite_state(model, optimizer) == []
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_trained_model_copies_and_pickles_and_trains_on_alike(engine, how):
+    """After training steps (work arrays and recycled outputs made), a copy or an unpickled model keeps its engine,
+    and the next step gives it the same numbers as the original."""
+    import copy  # noqa: PLC0415
+    import pickle  # noqa: PLC0415
+
+    import numpy  # noqa: PLC0415
+
+    model = VAE(image_size=8, preset="tiny", engine=engine)
+    optimizer = model.make_optimizer()
+    x = numpy.random.default_rng(0).random((4, 3, 8, 8)).astype(numpy.float32)
+    for step in range(2):
+        model.train_step(x, optimizer, rng=backend.rng((0, step)))
+    clone = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert type(clone) is type(model) and clone.engine == engine
+    clone_optimizer = clone.make_optimizer()
+    clone_optimizer.load_state_dict(optimizer.state_dict())
+    logs = [m.train_step(x, o, rng=backend.rng((0, 2))) for m, o in ((model, optimizer), (clone, clone_optimizer))]
+    assert logs[0] == logs[1]
+    for (name, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(clone.state_dict().items())):
+        assert (backend.to_host(a) == backend.to_host(b)).all(), name
+
+
+def test_a_subclass_refuses_the_other_engine():
+    from scratchvae.fast import FastVAE  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match=r"FastVAE is the fast engine's VAE.*VAE\(engine='reference'\)"):
+        FastVAE(image_size=8, preset="tiny", engine="reference")
+    assert type(FastVAE.from_config(VAE(image_size=8, preset="tiny").config, engine="reference")) is VAE

@@ -82,7 +82,7 @@ def test_the_reference_layers_keep_to_their_reading_budgets():
     source = (PACKAGE / "layers.py").read_text()
     spans = {node.name: node.end_lineno - node.lineno + 1 for node in ast.parse(source).body
              if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    assert len(source.splitlines()) <= 530
+    assert len(source.splitlines()) <= 515
     assert spans["Conv2d"] + spans["im2col"] + spans["col2im"] + spans["conv_output_size"] <= 100, spans
     assert spans["BatchNorm2d"] <= 60, spans
 

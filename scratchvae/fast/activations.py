@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from .. import layers
 from ..backend import array_module
-from ..layers import sigmoid
 from .norm import PIECE
 from .workspace import Workspace, pieces
 
@@ -49,11 +48,21 @@ class ReLU(LeakyReLU):
         super().__init__(slope=0.0)
 
 
+def sigmoid_into(x, out):
+    """``layers.sigmoid`` computed into ``out``, one operation after the other in place: the same numbers."""
+    xp = array_module(x)
+    y = xp.negative(x, out=out)
+    xp.clip(y, -80, 80, out=y)
+    xp.exp(y, out=y)
+    y += 1
+    return xp.reciprocal(y, out=y)
+
+
 class Sigmoid(Workspace, layers.Sigmoid):
     """``layers.Sigmoid``, fast: into recycled arrays, laid out like its input."""
 
     def forward(self, x):
-        self.y = sigmoid(x, out=self.output_like("y", x))
+        self.y = sigmoid_into(x, self.output_like("y", x))
         return self.y
 
     def backward(self, dy):

@@ -4,8 +4,8 @@ sums in one instead of up to 19.
 
 On a GPU every array operation is at least one kernel launch, and CuPy spends microseconds of Python and driver
 time on each, whatever the array's size; for this VAE's small layers that can outweigh the arithmetic
-(``benchmarks/count_ops.py`` counts the launches). BatchNorm's formulas (``scratchvae.layers.BatchNorm2d``) written as NumPy
-operations are some thirty launches each way, most of them on vectors of C numbers; here each stage is one
+(``benchmarks/count_ops.py`` counts the launches). BatchNorm's formulas written as whole-array operations are
+some thirty launches each way, most of them on vectors of C numbers; here each stage is one
 user-defined kernel whose body is the formula for one element, in CUDA C (three launches each way).
 Each sum over pixels is taken in blocks of rows first (``block_sums``), so that the GPU has thousands of sums to
 share out rather than C, and the kernel that uses a sum adds up its blocks' sums itself; two sums over the same

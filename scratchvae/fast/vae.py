@@ -21,6 +21,12 @@ class FastVAE(VAE):
         super().__init__(*args, **kwargs)
         flatten_parameters(self)
 
+    def __setstate__(self, state):
+        # a copy's (or an unpickled model's) parameters are arrays of their own, no longer views of one: flatten anew
+        self.__dict__.update(state)
+        self.__dict__.pop("_flat", None)
+        flatten_parameters(self)
+
     def make_optimizer(self, lr=1e-3):
         """The fast engine's Adam, over the model's one array of parameters."""
         return Adam(self, lr=lr)

@@ -48,6 +48,13 @@ class Workspace:
 
     recycle_outputs = False  # True inside a training step: see output_array
 
+    def __getstate__(self):
+        # copies and pickles leave the work arrays behind: scratch, made again on first use (and their
+        # signatures hold the array module, which neither copies nor pickles)
+        state = dict(self.__dict__)
+        state.pop("_work", None)
+        return state
+
     def work_array(self, name, shape, dtype, xp, fill=None, tag=None):
         """A scratch array kept from call to call instead of being allocated anew every step.
 

@@ -159,7 +159,7 @@ def test_conv2d_multiply_first_forward_matches_naive_loop(xp, f64, p):
 ])
 @pytest.mark.parametrize("device", ["stand-in", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_convolution_kernels_give_the_numpy_numbers(monkeypatch, make, shape, device):
-    """On a device the convolutions run ``scratchvae.kernels``' im2col, subpixel_weights, tap_planes_sum,
+    """On a device the convolutions run ``scratchvae.fast.kernels``' im2col, subpixel_weights, tap_planes_sum,
     tap_planes_of_dy and add_block_sums (on a GPU, and on the tests' stand-in device, which compiles their CUDA C
     for the CPU): output, dx and the parameter gradients (two backward calls) equal the NumPy path's to 1e-12 in
     float64, for the images' NCHW layout seen as NHWC and for contiguous input."""
@@ -367,7 +367,7 @@ def test_batchnorm_applying_the_next_activation_equals_the_two_layers(xp, f64, m
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("make_activation", [lambda: None, lambda: fast.LeakyReLU(0.2), fast.ReLU])
 def test_batchnorm_gpu_kernels_give_the_numpy_numbers(monkeypatch, device, dtype, rtol, training, make_activation):
-    """On a device BatchNorm2d runs its fused kernels (``scratchvae.kernels``): on a GPU, and on the tests' stand-in
+    """On a device BatchNorm2d runs its fused kernels (``scratchvae.fast.kernels``): on a GPU, and on the tests' stand-in
     device, which compiles their CUDA C for the CPU. Output, input gradient, accumulated parameter gradients (two
     backward calls) and running statistics equal the NumPy path's, in train and eval mode, alone or with a
     LeakyReLU or ReLU joined to it."""

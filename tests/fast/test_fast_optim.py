@@ -84,26 +84,47 @@ def test_vae_parameters_are_views_of_one_array(xp):
     assert not backend.to_host(flat_g).any()
 
 
-def test_deep_copy_of_a_flat_model_falls_back_to_one_array_per_parameter(xp):
+def unflattened(model):
+    """``model`` with every parameter, gradient and buffer in an array of its own, as before ``flatten_parameters``."""
+    for _, module in model.named_modules():
+        for arrays in (module.params, module.grads, module.buffers):
+            for name in arrays:
+                arrays[name] = arrays[name].copy()
+    return model
+
+
+def test_a_model_whose_arrays_are_its_own_falls_back_to_one_array_per_parameter(xp):
+    model = unflattened(tiny_vae(xp))
+    assert workspace.flat_parameters(model) is None and workspace.flat_buffers(model) is None
+    for _, _, g in model.named_parameters():
+        g[...] = 1.0
+    model.zero_grad()  # must zero the gradients the layers use, not a stale flat array
+    assert not any(backend.to_host(g).any() for _, _, g in model.named_parameters())
+    assert len(Adam(model).groups) == len(list(model.named_parameters()))
+
+
+def test_a_deep_copy_is_flat_again_with_arrays_of_its_own(xp):
     import copy  # noqa: PLC0415
 
-    clone = copy.deepcopy(tiny_vae(xp))
-    assert workspace.flat_parameters(clone) is None  # its params are no longer views of its (copied) flat arrays
-    for _, _, g in clone.named_parameters():
-        g[...] = 1.0
-    clone.zero_grad()  # must zero the gradients the layers use, not a stale flat copy
-    assert not any(backend.to_host(g).any() for _, _, g in clone.named_parameters())
-    assert len(Adam(clone).groups) == len(list(clone.named_parameters()))
+    model = tiny_vae(xp)
+    clone = copy.deepcopy(model)
+    flat, clone_flat = workspace.flat_parameters(model), workspace.flat_parameters(clone)
+    assert clone_flat is not None and workspace.flat_buffers(clone) is not None
+    assert clone_flat[0] is not flat[0]
+    numpy.testing.assert_array_equal(backend.to_host(clone_flat[0]), backend.to_host(flat[0]))
+    clone_flat[0][...] = 0  # the copy's parameters are its own
+    assert backend.to_host(flat[0]).any()
+    assert len(Adam(clone).groups) == 1
 
 
 @pytest.mark.parametrize("flat", [True, False])
 def test_snapshot_and_restore_of_the_buffers(xp, flat):
     """BatchNorm's running statistics are views of one array too (one copy saves them all, as ``train_step`` does
-    before a step it may have to undo); a deep copy falls back to a copy per buffer. Either way ``restore_buffers``
+    before a step it may have to undo); without it, a copy per buffer. Either way ``restore_buffers``
     puts back every value and keeps the arrays the layers hold."""
     import copy  # noqa: PLC0415
 
-    model = tiny_vae(xp) if flat else copy.deepcopy(tiny_vae(xp))
+    model = tiny_vae(xp) if flat else unflattened(tiny_vae(xp))
     buffers = dict(model.named_buffers())
     assert len(buffers) == 8  # four BatchNorm2d layers (two in the encoder, two in the decoder), two buffers each
     for i, b in enumerate(buffers.values()):
@@ -127,7 +148,7 @@ def test_adam_on_the_flat_array_equals_adam_per_parameter(xp):
     import copy  # noqa: PLC0415
 
     flat_model = tiny_vae(xp)
-    split_model = copy.deepcopy(flat_model)
+    split_model = unflattened(copy.deepcopy(flat_model))
     flat_opt, split_opt = Adam(flat_model, lr=0.01), Adam(split_model, lr=0.01)
     assert len(flat_opt.groups) == 1 and len(split_opt.groups) > 1
     rng = backend.rng(9)

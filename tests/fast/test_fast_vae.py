@@ -19,7 +19,7 @@ def host(a):
 @pytest.mark.parametrize("kw", [{}, {"recon": "bce", "mc_samples": 2}])
 def test_gpu_code_path_gives_the_cpu_numbers(f64, monkeypatch, kw):
     """Training steps on the tests' stand-in device, where the layers take their GPU branches (each elementwise
-    operation over a whole array at once, the kernels of ``scratchvae.kernels``), give the losses, gradients,
+    operation over a whole array at once, the kernels of ``scratchvae.fast.kernels``), give the losses, gradients,
     parameters and BatchNorm statistics of the CPU branches, here run in pieces of a few rows (float64)."""
     from strict_device import use_strict_device  # noqa: PLC0415
 
