@@ -82,15 +82,16 @@ class Adam(optim.Adam):
         return s
 
     def _update(self, p, g, state):
-        if is_device_array(p):
-            return self._update_gpu(p, g, state)
-        return self._update_cpu(p, g, state)
-
-    def _update_cpu(self, p, g, state):
         xp = array_module(p)
         if "m" not in state:
             state["m"], state["v"] = xp.zeros_like(p), xp.zeros_like(p)
         bias1, bias2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
+        if is_device_array(p):
+            return self._update_gpu(p, g, state, bias1, bias2)
+        return self._update_cpu(p, g, state, bias1, bias2)
+
+    def _update_cpu(self, p, g, state, bias1, bias2):
+        xp = array_module(p)
         scratch = self._scratch_pieces(p)
         for p, g, m, v in pieces(p, g, state["m"], state["v"], size=PIECE):
             s, t = (a[:p.size].reshape(p.shape) for a in scratch)
@@ -103,11 +104,7 @@ class Adam(optim.Adam):
             denominator = xp.add(xp.sqrt(xp.divide(v, bias2, out=s), out=s), self.eps, out=s)
             p -= xp.divide(xp.multiply(m, self.lr / bias1, out=t), denominator, out=t)
 
-    def _update_gpu(self, p, g, state):
+    def _update_gpu(self, p, g, state, bias1, bias2):
         # the lines of _update_cpu as one kernel, one pass over the arrays
-        xp = array_module(p)
-        if "m" not in state:
-            state["m"], state["v"] = xp.zeros_like(p), xp.zeros_like(p)
-        bias1, bias2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
-        kernels.kernel(xp, "adam")(g, self.beta1, self.beta2, self.lr / bias1, bias2, self.eps, self.weight_decay,
-                                   p, state["m"], state["v"])
+        kernels.kernel(array_module(p), "adam")(g, self.beta1, self.beta2, self.lr / bias1, bias2, self.eps,
+                                                self.weight_decay, p, state["m"], state["v"])
