@@ -315,6 +315,11 @@ def test_force_overwrites_only_the_runs_own_files(tmp_path):
     (["--recon", "l1"], "--recon: invalid choice"),
     (["--resume", "--force"], "not allowed with argument"),
     (["--epochs", "0"], "--epochs: expected a positive integer"),
+    (["--recon-variance", "learned"], "--recon-variance learned needs --recon gaussian"),
+    (["--recon-variance", "lots"], "expected a positive number or 'learned'"),
+    (["--iw-samples", "-1"], "--iw-samples: expected an integer >= 0"),
+    (["--beta-warmup", "1.5"], "--beta-warmup: expected an integer >= 0"),
+    (["--iw-images", "0"], "--iw-images: expected a positive integer"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, capsys, args, says):
     with pytest.raises(SystemExit) as exit_info:

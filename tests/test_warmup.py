@@ -89,21 +89,6 @@ def test_learned_variance_is_logged_drawn_and_resumed(tmp_path):
     assert not (whole / "decoder_variance.png").exists()
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--recon-variance", "learned"], "--recon-variance learned needs --recon gaussian"),
-    (["--recon-variance", "lots"], "expected a positive number or 'learned'"),
-    (["--iw-samples", "-1"], "--iw-samples: expected an integer >= 0"),
-    (["--beta-warmup", "1.5"], "--beta-warmup: expected an integer >= 0"),
-    (["--iw-images", "0"], "--iw-images: expected a positive integer"),
-])
-def test_bad_new_options_give_one_clear_line(tmp_path, capsys, args, says):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(TINY + ["--out", str(tmp_path / "run"), *args])
-    assert exit_info.value.code == 2
-    assert says in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
 def test_decoder_variance_column_for_the_fixed_terms(tmp_path):
     out = tmp_path / "run"
     assert run(out, "--epochs", 1, "--recon", "bce", "--iw-samples", 0) == 0
