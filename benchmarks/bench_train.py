@@ -129,6 +129,7 @@ SMALL_BATCH = 2
 
 def scratchvae_worker(device, preset, batch, args, engine="fast"):
     """images/s, step times and peak memory of ``VAE.train_step`` (and the per-layer split with --layers)."""
+    import scratchvae  # noqa: F401, PLC0415  (first, as a user's script imports it: it sets up OpenBLAS's threads)
     import numpy  # noqa: PLC0415
 
     from scratchvae import backend  # noqa: PLC0415

@@ -4,7 +4,8 @@ from __future__ import annotations
 from .. import layers
 from ..backend import array_module
 from .norm import PIECE
-from .workspace import Workspace, pieces
+from .threads import each_piece
+from .workspace import Workspace
 
 
 class LeakyReLU(Workspace, layers.LeakyReLU):
@@ -13,15 +14,13 @@ class LeakyReLU(Workspace, layers.LeakyReLU):
 
     def forward(self, x):
         y = self.output_like("y", x)
-        for x_p, y_p in pieces(x, y, size=PIECE):
-            self.apply(x_p, out=y_p)
+        each_piece(lambda x_p, y_p: self.apply(x_p, out=y_p), x, y, size=PIECE)
         self.y = y  # y > 0 exactly where x > 0, so backward needs only y
         return y
 
     def backward(self, dy):
         dx = self.output_like("dx", dy)
-        for dy_p, y_p, dx_p in pieces(dy, self.y, dx, size=PIECE):
-            self.times_derivative(dy_p, y_p, out=dx_p)
+        each_piece(lambda dy_p, y_p, dx_p: self.times_derivative(dy_p, y_p, out=dx_p), dy, self.y, dx, size=PIECE)
         return dx
 
     def apply(self, x, out, scratch=None):
@@ -59,18 +58,26 @@ def sigmoid_into(x, out):
 
 
 class Sigmoid(Workspace, layers.Sigmoid):
-    """``layers.Sigmoid``, fast: into recycled arrays, laid out like its input."""
+    """``layers.Sigmoid``, fast: into recycled arrays, laid out like its input, piece by piece."""
 
     def forward(self, x):
-        self.y = sigmoid_into(x, self.output_like("y", x))
+        self.y = self.output_like("y", x)
+        each_piece(sigmoid_into, x, self.y, size=PIECE)
         return self.y
 
     def backward(self, dy):
-        xp = array_module(dy)
-        dx = xp.subtract(1, self.y, out=self.output_like("dx", dy))
-        dx *= self.y
-        dx *= dy
+        dx = self.output_like("dx", dy)
+        each_piece(sigmoid_backward, dy, self.y, dx, size=PIECE)
         return dx
+
+
+def sigmoid_backward(dy, y, out):
+    """``out = dy * y (1 - y)``, the Sigmoid's derivative read off its output y."""
+    xp = array_module(dy)
+    xp.subtract(1, y, out=out)
+    out *= y
+    out *= dy
+    return out
 
 
 class Tanh(Workspace, layers.Tanh):

@@ -23,7 +23,8 @@ from __future__ import annotations
 from .. import backend, layers
 from ..backend import array_module
 from . import kernels
-from .norm import channel_rows, pixel_sums
+from .norm import PIECE, channel_rows, pixel_sums
+from .threads import each_piece
 from .workspace import Workspace
 
 # images per block of the multiply-first convolution: tap planes of about 4 MB, which are still in cache when added
@@ -96,7 +97,11 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
     if p0 < p1 and q0 < q1:
         if not x.flags.c_contiguous:  # the images, NCHW memory seen as NHWC: one copy into channels-last
             x = module.padded(name + " x", x, 0, 0, 0, 0)
-        taps[:, p0:p1, q0:q1] = windows(x, top + stride * p0, left + stride * q0, p1 - p0, q1 - q0, kh, kw, stride)
+        def copy_windows(taps_p, x_p):  # a few images' windows: the images shared among the threads
+            taps_p[:, p0:p1, q0:q1] = windows(x_p, top + stride * p0, left + stride * q0, p1 - p0, q1 - q0, kh, kw,
+                                              stride)
+
+        each_piece(copy_windows, taps, x, size=PIECE)
     # the border strips: whole rows of output positions above and below, then the rest of the columns
     strips = [(rows, (0, ow)) for rows in border_rows] + [((p0, p1), cols) for cols in border_cols if p0 < p1]
     for (pa, pb), (qa, qb) in strips:
@@ -186,7 +191,11 @@ def _phase_products_cpu(module, col, w, wsub, y, name, row_phases, col_phases, w
     for a, rows in enumerate(row_phases):
         used = one + (rows[0].stop if rows else 0) * tw * cin
         xp.matmul(col[:, :used], wsub[:used, a].reshape(used, s * cout), out=phase)
-        y[:, :, a] = phase.reshape(n, mh, mw, s, cout)  # output pixels (s m + a, s m' + b): one copy
+
+        def interleave(y_p, phase_p, a=a):  # output pixels (s m + a, s m' + b): one copy, shared among the threads
+            y_p[:, :, a] = phase_p
+
+        each_piece(interleave, y, phase.reshape(n, mh, mw, s, cout), size=PIECE)
 
 
 def _phase_products_gpu(module, col, wsub, y, name):

@@ -13,7 +13,8 @@ from __future__ import annotations
 from .. import layers
 from ..backend import array_module, is_device_array
 from . import kernels
-from .workspace import Workspace, piece_rows, pieces
+from .threads import each_piece
+from .workspace import Workspace, piece_rows
 
 ROW = 8192  # numbers per row of channel_rows (k pixels of C channels) at least, where the pixels allow
 PIECE = 1 << 18  # numbers per piece of an activation: 1 MB of float32 per operand, which stays in cache
@@ -52,6 +53,14 @@ def column_sums(rows, other=None):
 def channel_totals(per_column, k):
     """Column sums of ``channel_rows`` ``(k*C,)`` -> per-channel totals ``(C,)``, the k partial sums added in float64."""
     return per_column.reshape(k, -1).sum(axis=0, dtype=array_module(per_column).float64)
+
+
+def add_up(partial, xp):
+    """The sum of per-piece column sums, in float64, added in piece order (the same order on any number of threads)."""
+    total = xp.zeros(partial[0].shape, dtype=xp.float64)
+    for part in partial:
+        total += part
+    return total
 
 
 def pixel_sums(rows, k, other=None):
@@ -94,13 +103,14 @@ class BatchNorm2d(Workspace, layers.BatchNorm2d):
         mean = pixel_sums(rows, k) / m if self.training else rm
         mean_k = tiled(mean.astype(dtype), k)
         xc = self.work_array("xc", rows.shape, dtype, xp)
-        squares = xp.zeros(rows.shape[1], dtype=xp.float64)  # sum of (x - mean)^2, column by column
-        for x_p, xc_p in pieces(rows, xc, size=PIECE):
+
+        def centre(x_p, xc_p):  # x - mean, and its squares' sums column by column
             xp.subtract(x_p, mean_k, out=xc_p)
-            if self.training:
-                squares += column_sums(xc_p, xc_p)
+            return column_sums(xc_p, xc_p) if self.training else None
+
+        squares = each_piece(centre, rows, xc, size=PIECE)
         if self.training:
-            var = channel_totals(squares, k) / m
+            var = channel_totals(add_up(squares, xp), k) / m
             rm += (self.momentum * (mean - rm)).astype(dtype)
             rv += (self.momentum * (var * (m / max(m - 1, 1)) - rv)).astype(dtype)
         else:
@@ -109,18 +119,20 @@ class BatchNorm2d(Workspace, layers.BatchNorm2d):
         self.inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(dtype)
         y = self.output_array("y", x.shape, dtype, xp)
         scale_k, beta_k = tiled(self.params["gamma"] * self.inv_std, k), tiled(self.params["beta"], k)
-        scratch = self._piece_scratch(xc) if activation is not None else None
-        for xc_p, y_p in pieces(xc, y.reshape(rows.shape), size=PIECE):
+
+        def scale_shift(xc_p, y_p):
             xp.multiply(xc_p, scale_k, out=y_p)
             y_p += beta_k
             if activation is not None:
-                activation.apply(y_p, out=y_p, scratch=scratch[:len(y_p)])
+                activation.apply(y_p, out=y_p, scratch=self._piece_scratch(xc)[:len(y_p)])
+
+        each_piece(scale_shift, xc, y.reshape(rows.shape), size=PIECE)
         self.activation, self.y = activation, y  # backward reads the activation's derivative off y
         return y
 
     def _piece_scratch(self, rows):
-        # room for one piece of intermediate numbers, reused by every piece
-        return self.work_array("piece", (piece_rows(rows, PIECE),) + rows.shape[1:], rows.dtype, array_module(rows))
+        # room for one piece of intermediate numbers, reused by every piece the calling thread works on
+        return self.thread_array("piece", (piece_rows(rows, PIECE),) + rows.shape[1:], rows.dtype, array_module(rows))
 
     def _backward_cpu(self, dy):
         xp, dtype = array_module(dy), dy.dtype
@@ -133,28 +145,31 @@ class BatchNorm2d(Workspace, layers.BatchNorm2d):
         act = self.activation
         g_rows = dy_rows if act is None else dx_rows
         y_rows = dy_rows if act is None else self.y.reshape(dy_rows.shape)  # (read only with an activation)
-        sums = xp.zeros((2, dy_rows.shape[1]), dtype=xp.float64)  # of g and of g (x - mean), column by column
-        for dy_p, y_p, g_p, xc_p in pieces(dy_rows, y_rows, g_rows, xc, size=PIECE):
+
+        def sums_of(dy_p, y_p, g_p, xc_p):  # of g and of g (x - mean), column by column
             if act is not None:
                 act.times_derivative(dy_p, y_p, out=g_p)
-            sums[0] += column_sums(g_p)
-            sums[1] += column_sums(g_p, xc_p)
-        sum_g, sum_g_xhat = channel_totals(sums[0], k), channel_totals(sums[1], k) * inv_std
+            return column_sums(g_p), column_sums(g_p, xc_p)
+
+        sums = each_piece(sums_of, dy_rows, y_rows, g_rows, xc, size=PIECE)
+        sum_g = channel_totals(add_up([s[0] for s in sums], xp), k)
+        sum_g_xhat = channel_totals(add_up([s[1] for s in sums], xp), k) * inv_std
         self.grads["gamma"] += sum_g_xhat.astype(dtype)
         self.grads["beta"] += sum_g.astype(dtype)
         if not self.training:
-            xp.multiply(g_rows, scale_k, out=dx_rows)
+            each_piece(lambda g_p, dx_p: xp.multiply(g_p, scale_k, out=dx_p), g_rows, dx_rows, size=PIECE)
             return dx
         # through the batch mean and variance too:
         # dx = gamma/sigma * (g - mean(g) - xhat * mean(g * xhat)), with xhat = xc / sigma
         xc_scale = tiled((-sum_g_xhat * inv_std / m).astype(dtype), k)
         mean_g = tiled((sum_g / m).astype(dtype), k)
-        scratch = self._piece_scratch(xc)
-        for g_p, xc_p, dx_p in pieces(g_rows, xc, dx_rows, size=PIECE):
+
+        def input_grad(g_p, xc_p, dx_p):
             xp.subtract(g_p, mean_g, out=dx_p)  # (g may be dx itself)
-            xc_term = xp.multiply(xc_p, xc_scale, out=scratch[:len(xc_p)])
-            dx_p += xc_term
+            dx_p += xp.multiply(xc_p, xc_scale, out=self._piece_scratch(xc)[:len(xc_p)])
             dx_p *= scale_k
+
+        each_piece(input_grad, g_rows, xc, dx_rows, size=PIECE)
         return dx
 
     def _forward_gpu(self, x, activation):

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import threading
 
 from .. import optim
 from ..backend import array_module, is_device_array
 from . import kernels
-from .workspace import flat_parameters, piece_rows, pieces
+from .threads import each_piece
+from .workspace import flat_parameters, piece_rows
 
 PIECE = 1 << 17  # numbers per piece: a parameter's piece, its gradient's and its moments' (2 MB in all) stay in cache
 
@@ -33,7 +35,6 @@ class Adam(optim.Adam):
         else:
             self.groups = [([(name, 0, p.shape)], p, g) for name, p, g in self.params]
         self.state = [{} for _ in self.groups]  # per group: slot name -> array shaped like the group's params
-        self._scratch = None  # (2, numbers of the largest piece): the step's intermediates
 
     def step(self):
         """Apply one update to every parameter from its gradient."""
@@ -73,12 +74,15 @@ class Adam(optim.Adam):
             _member(group_state[slot], offset, shape)[...] = xp.asarray(arr, dtype=p.dtype).reshape(shape)
 
     def _scratch_pieces(self, p):
-        """Two scratch arrays, each as large as the largest of p's pieces, for the step's intermediates, so that
-        a step allocates nothing (a fresh temporary can be mapped and page-faulted in on every call)."""
+        """Two scratch arrays of the calling thread's, each as large as the largest of p's pieces, for the step's
+        intermediates, so that a step allocates nothing (a fresh temporary can be mapped and page-faulted in on
+        every call)."""
         xp, size = array_module(p), piece_rows(p, PIECE) * (p.size // len(p))
-        s = self._scratch
+        scratch = self.__dict__.setdefault("_scratch", {})
+        name = threading.current_thread().name
+        s = scratch.get(name)
         if s is None or s.shape[1] < size or s.dtype != p.dtype or array_module(s) is not xp:
-            s = self._scratch = xp.empty((2, size), dtype=p.dtype)
+            s = scratch[name] = xp.empty((2, size), dtype=p.dtype)
         return s
 
     def _update(self, p, g, state):
@@ -92,9 +96,9 @@ class Adam(optim.Adam):
 
     def _update_cpu(self, p, g, state, bias1, bias2):
         xp = array_module(p)
-        scratch = self._scratch_pieces(p)
-        for p, g, m, v in pieces(p, g, state["m"], state["v"], size=PIECE):
-            s, t = (a[:p.size].reshape(p.shape) for a in scratch)
+
+        def update(p, g, m, v):
+            s, t = (a[:p.size].reshape(p.shape) for a in self._scratch_pieces(p))
             if self.weight_decay:
                 g = xp.add(g, xp.multiply(p, self.weight_decay, out=t), out=t)
             m *= self.beta1
@@ -103,6 +107,8 @@ class Adam(optim.Adam):
             v += xp.multiply(xp.multiply(g, g, out=s), 1 - self.beta2, out=s)
             denominator = xp.add(xp.sqrt(xp.divide(v, bias2, out=s), out=s), self.eps, out=s)
             p -= xp.divide(xp.multiply(m, self.lr / bias1, out=t), denominator, out=t)
+
+        each_piece(update, p, g, state["m"], state["v"], size=PIECE)
 
     def _update_gpu(self, p, g, state, bias1, bias2):
         # the lines of _update_cpu as one kernel, one pass over the arrays

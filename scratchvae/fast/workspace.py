@@ -7,6 +7,7 @@ buffer), so that Adam, ``zero_grad`` and the buffers' snapshot each touch one ar
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from ..backend import array_module, is_device_array
 
@@ -68,6 +69,11 @@ class Workspace:
             entry = (signature, xp.empty(shape, dtype=dtype) if fill is None else xp.full(shape, fill, dtype=dtype))
             work[name] = entry
         return entry[1]
+
+    def thread_array(self, name, shape, dtype, xp):
+        """``work_array`` of the calling thread's own: scratch for a piece of ``threads.each_piece``, which pieces
+        on other threads must not share."""
+        return self.work_array(f"{name} {threading.current_thread().name}", shape, dtype, xp)
 
     def output_array(self, name, shape, dtype, xp):
         """The array to write an output into: a new one, or inside a training step the one of the last step
