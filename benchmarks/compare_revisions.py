@@ -73,6 +73,7 @@ def revision_package(rev, exported):
 def build(package, preset, batch, device="cpu"):
     """A model of ``package`` on ``device``, its Adam, and its training step on a fixed batch with fixed noise
     (synchronised on a GPU), with per-layer timers on the CPU (None on a GPU)."""
+    importlib.import_module(package)  # before NumPy, as a user's script imports it (it may set up OpenBLAS's threads)
     import numpy  # noqa: PLC0415
 
     from bench_train import wrap_layers  # noqa: PLC0415
