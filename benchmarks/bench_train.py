@@ -63,13 +63,18 @@ TORCH_LAYOUTS = {"contiguous": "module and inputs NCHW", "channels_last": "modul
 def parse_framework(name):
     """(kind, device) of a framework name such as ``torch_compile-cpu``: the device is the last ``-`` part."""
     kind, _, device = name.rpartition("-")
-    if device not in DEVICES or kind not in ("scratchvae", "reference", *TORCH_KINDS):
-        raise ValueError(f"unknown framework {name!r}: expected KIND-DEVICE, KIND one of scratchvae, reference, "
-                         f"{', '.join(TORCH_KINDS)} and DEVICE one of {', '.join(DEVICES)}")
+    kinds = ("scratchvae", "reference", *TORCH_KINDS)
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r} in framework {name!r}: expected KIND-DEVICE, the device one of "
+                         f"{', '.join(DEVICES)}")
+    if kind not in kinds:
+        raise ValueError(f"unknown kind {kind!r} in framework {name!r}: expected KIND-DEVICE, the kind one of "
+                         f"{', '.join(kinds)}")
     return kind, device
 
 
 def is_torch(name):
+    """Whether framework ``name`` is one of the PyTorch configurations."""
     return parse_framework(name)[0] in TORCH_KINDS
 
 
@@ -453,6 +458,7 @@ def process_line(fw, preset, batch, r):
 
 
 def left_out_line(fw, why):
+    """The line that says a framework cannot run here (``why``) and that the benchmark goes on without it."""
     return f"  {fw}: {why}; left out, the other configurations carry on"
 
 
@@ -611,6 +617,7 @@ def print_memory_ratios(results, frameworks, args):
 
 
 def print_compile_times(results):
+    """Each compiled configuration's compile + warm-up time (the slowest of its processes)."""
     rows = [(key, r) for key, r in sorted(results.items()) if r is not None and "compile_s" in r]
     if rows:
         print("\n== torch.compile: the slowest process's compile + warm-up (untimed) ==")

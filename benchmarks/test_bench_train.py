@@ -28,8 +28,10 @@ def test_framework_names_carry_the_device_last():
     assert bench_train.parse_framework("torch_compile-gpu") == ("torch_compile", "gpu")
     assert bench_train.parse_framework("torch_cl-cpu") == ("torch_cl", "cpu")
     assert bench_train.parse_framework("scratchvae-cpu") == ("scratchvae", "cpu")
-    for bad in ("torch_compile", "torch-tpu", "pytorch-cpu", "cpu-torch", "torch-cl-cpu"):
-        with pytest.raises(ValueError, match="KIND-DEVICE"):
+    for bad, why in [("torch_compile", "unknown device 'torch_compile'"), ("torch-tpu", "unknown device 'tpu'"),
+                     ("pytorch-cpu", "unknown kind 'pytorch'"), ("cpu-torch", "unknown device 'torch'"),
+                     ("torch-cl-cpu", "unknown kind 'torch-cl'")]:  # (split at the first '-': device 'cl-cpu')
+        with pytest.raises(ValueError, match=why):
             bench_train.parse_framework(bad)
     names = bench_train.build_frameworks(["cpu", "gpu"], True, ["eager", "channels_last", "compile"])
     assert names == ["scratchvae-cpu", "scratchvae-gpu", "reference-cpu", "reference-gpu", "torch-cpu", "torch-gpu",
@@ -155,12 +157,12 @@ def test_a_torch_compile_that_does_not_work_is_reported_and_the_others_carry_on(
 
 
 def test_compile_time_is_kept_and_shown():
-    rounds = [fake(200, compile_s=31.0, warmup_s=33.5), fake(180, compile_s=4.0, warmup_s=5.0)]
+    rounds = [fake(180, compile_s=4.0, warmup_s=5.0), fake(200, compile_s=31.0, warmup_s=33.5)]
     for r in rounds:  # as a process reports itself, before merging
         r["step_s"] = [r["step_s"][0]] * 3
     merged = bench_train.merge_rounds(rounds)
     assert merged["compile_s"] == 31.0 and merged["warmup_s"] == 33.5  # the slowest process's
-    line = bench_train.process_line("torch_compile-cpu", "default", 64, rounds[1])
+    line = bench_train.process_line("torch_compile-cpu", "default", 64, rounds[0])
     assert "180.0 img/s" in line and "compile + warm-up 5.0 s of which the first step 4.0 s" in line
     assert "compile" not in bench_train.process_line("torch-cpu", "default", 64, fake(120))
 
@@ -196,3 +198,24 @@ def test_the_torch_worker_reports_a_failing_compile(monkeypatch):
                             "no C++ compiler)", "compiled": True}
     out = bench_train.torch_worker("torch_cl", "cpu", "tiny", 2, args)  # the uncompiled ones are unaffected
     assert out["memory_format"] == "channels_last" and not out["compiled"] and len(out["step_s"]) == 1
+
+
+def test_a_compiled_configuration_is_timed_after_its_compilation_and_2_more_steps(monkeypatch):
+    torch = pytest.importorskip("torch")
+    calls = []
+
+    def counting_compile(fn, **options):  # stands in for torch.compile: no compiler needed, every call counted
+        def run(x, eps):
+            calls.append(len(x))
+            assert x.is_contiguous(memory_format=torch.channels_last)  # inputs in the model's layout
+            return fn(x, eps)
+        return run
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    monkeypatch.setattr(bench_train, "PRESETS", {"tiny": ((4, 8), 4)})
+    args = types.SimpleNamespace(threads=1, warmup=0, steps=3, layers=False)
+    out = bench_train.torch_worker("torch_compile", "cpu", "tiny", 4, args)
+    # batch 4: the compiling step, 2 warm-up steps (though --warmup 0), 3 timed; the 2-image steps: their own
+    # compiling step, 2 more, 3 timed
+    assert calls == [4] * (1 + 2 + 3) + [2] * (1 + 2 + 3)
+    assert out["compiled"] and len(out["step_s"]) == 3 and out["warmup_s"] >= out["compile_s"] > 0
