@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py            # full run: default and small presets, batch 64 and 128
     python benchmarks/bench_train.py --quick    # fewer steps, batch 64 only
     python benchmarks/bench_train.py --reference   # also the reference engine (the textbook layers)
+    python benchmarks/bench_train.py --torch-configs eager channels_last   # PyTorch without torch.compile
 
 Prints, for every framework (scratchvae's fast engine, its reference engine with ``--reference``, PyTorch),
 preset and batch size: images/s of a whole training step (forward, backward,
@@ -10,6 +11,16 @@ Adam), the step time and the peak memory; the ratio scratchvae / PyTorch where P
 not a dependency: without it that part is skipped with a line saying so); a per-layer forward/backward
 breakdown of each preset at batch 64 (scratchvae and PyTorch side by side); and the time to
 assemble a batch from a uint8 memory-mapped cache with ``scratchvae.data.Batches``.
+
+PyTorch runs in three configurations (``--torch-configs``, default all), on each device:
+``torch`` eager with NCHW tensors, as ``pytorch_vae.py`` builds it by default; ``torch_cl`` eager with the
+model and its inputs in ``channels_last``; ``torch_compile`` channels_last with the loss (the forward, and by
+AOT autograd its backward) through ``torch.compile``. Where torch.compile does not work (no C++ compiler; on
+a GPU, no triton) a line says so and why, and the others carry on. The ratio scratchvae / PyTorch is printed
+against each configuration, and against the strongest (the most images/s for that preset, batch and device):
+that one is what the targets in ``benchmarks/README.md`` are measured against. Peak memory likewise, against
+each and against the smallest PyTorch peak. PyTorch's per-layer column runs its stronger eager layout
+(a compiled graph cannot be timed layer by layer).
 
 Method. Every configuration runs in a fresh Python process, so that its peak memory is its own: on the
 CPU that is the process's peak resident set (``ru_maxrss``), which counts everything (interpreter,
@@ -19,6 +30,9 @@ threads (``--threads``, default 2): OPENBLAS/OMP/MKL_NUM_THREADS for NumPy, ``to
 PyTorch. Each process warms up, then times ``--steps`` steps one by one (``--gpu-steps`` on a GPU, after at
 least ``GPU_WARMUP_S`` seconds of warm-up); images/s is batch / median
 step.
+A compiled configuration compiles in its first step (and again in the first step of a new batch size): it
+warms up for that step plus at least 2 more (``--warmup``), so that every timed step runs the compiled code,
+and reports the compile + warm-up time of each process.
 Other processes on the machine disturb the figures, so the load average is printed before and after.
 """
 from __future__ import annotations
@@ -34,6 +48,41 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# the PyTorch configurations (--torch-configs): the framework kind each runs as, its memory format, compiled
+TORCH_CONFIGS = {"eager": ("torch", "contiguous", False),
+                 "channels_last": ("torch_cl", "channels_last", False),
+                 "compile": ("torch_compile", "channels_last", True)}
+TORCH_KINDS = {kind: (memory_format, compiled) for kind, memory_format, compiled in TORCH_CONFIGS.values()}
+DEVICES = ("cpu", "gpu")
+TORCH_DESCRIPTIONS = {"eager": "torch: eager, NCHW", "channels_last": "torch_cl: eager, channels_last",
+                      "compile": "torch_compile: channels_last + torch.compile"}
+TORCH_LAYOUTS = {"contiguous": "module and inputs NCHW", "channels_last": "module and inputs channels_last"}
+
+
+def parse_framework(name):
+    """(kind, device) of a framework name such as ``torch_compile-cpu``: the device is the last ``-`` part."""
+    kind, _, device = name.rpartition("-")
+    kinds = ("scratchvae", "reference", *TORCH_KINDS)
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r} in framework {name!r}: expected KIND-DEVICE, the device one of "
+                         f"{', '.join(DEVICES)}")
+    if kind not in kinds:
+        raise ValueError(f"unknown kind {kind!r} in framework {name!r}: expected KIND-DEVICE, the kind one of "
+                         f"{', '.join(kinds)}")
+    return kind, device
+
+
+def is_torch(name):
+    """Whether framework ``name`` is one of the PyTorch configurations."""
+    return parse_framework(name)[0] in TORCH_KINDS
+
+
+def build_frameworks(devices, reference, torch_configs):
+    """The framework names to time, in the order each round runs them: scratchvae's fast engine, the reference
+    engine (if asked), then each PyTorch configuration (``torch_configs``, empty without PyTorch)."""
+    names = [f"scratchvae-{d}" for d in devices] + ([f"reference-{d}" for d in devices] if reference else [])
+    return names + [f"{TORCH_CONFIGS[c][0]}-{d}" for c in torch_configs for d in devices]
 
 
 def parse_args(argv=None):
@@ -52,6 +101,9 @@ def parse_args(argv=None):
                    help="which devices to time (default both, the GPU where one is usable); "
                         "--devices gpu skips the CPU runs, for a GPU machine lent for a short time")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
+    p.add_argument("--torch-configs", nargs="+", choices=tuple(TORCH_CONFIGS), default=list(TORCH_CONFIGS),
+                   help="which PyTorch configurations to time (default all): eager (NCHW), channels_last "
+                        "(eager), compile (channels_last + torch.compile)")
     p.add_argument("--reference", action="store_true", help="also time scratchvae's reference engine (the textbook "
                    "layers), to show what the fast engine's tricks buy")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
@@ -79,15 +131,17 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(step, warmup, steps, sync=lambda: None, timers=None, warmup_s=0.0):
+def time_steps(step, warmup, steps, sync=lambda: None, timers=None, warmup_s=0.0, info=None):
     """Sorted wall times of ``steps`` calls of ``step`` after untimed ones: at least ``warmup`` of them, and for at
-    least ``warmup_s`` seconds (timers reset after warm-up)."""
+    least ``warmup_s`` seconds (timers reset after warm-up). ``info["warmup_s"]`` gets the warm-up's time."""
     start = time.perf_counter()
     done = 0
     while done < warmup or time.perf_counter() - start < warmup_s:
         step()
         sync()
         done += 1
+    if info is not None:
+        info["warmup_s"] = time.perf_counter() - start
     for fb in (timers or {}).values():
         fb[:] = [0.0, 0.0]
     times = []
@@ -202,12 +256,13 @@ def wrap_layers(model, sync):
     return timers
 
 
-def torch_worker(device, preset, batch, args):
-    """The same measurements for the PyTorch model of ``pytorch_vae.py``."""
+def torch_worker(kind, device, preset, batch, args):
+    """The same measurements for the PyTorch model of ``pytorch_vae.py`` in configuration ``kind`` (a key of
+    ``TORCH_KINDS``); a compiled one whose compilation fails returns ``{"error": why}`` instead."""
     import torch  # noqa: PLC0415
 
     sys.path.insert(0, HERE)
-    from pytorch_vae import make_train_step  # noqa: PLC0415
+    from pytorch_vae import make_train_step, to_layout  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
     # float32 arithmetic on both sides: PyTorch lets cuDNN convolutions use TF32 (a 10-bit mantissa) by
@@ -217,29 +272,53 @@ def torch_worker(device, preset, batch, args):
     base_rss = peak_rss_mb()
     dev = torch.device("cuda" if device == "gpu" else "cpu")
     channels, latent = PRESETS[preset]
-    model, _, step = make_train_step(channels, latent)
-    model.to(dev)
+    memory_format, compiled = TORCH_KINDS[kind]
+    compiled = compiled and not args.layers  # (a compiled graph has no layers to time: the layout alone)
+    model, _, step = make_train_step(channels, latent, memory_format=memory_format, compile=compiled, device=dev)
     gen = torch.Generator().manual_seed(0)
     x = (torch.randint(0, 256, (batch, 3, 64, 64), generator=gen, dtype=torch.uint8).float() / 255).to(dev)
+    x = to_layout(x, memory_format)  # once, outside the timing, as a data loader would hand it over
     eps = torch.randn(batch, latent, generator=gen).to(dev)
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
     warmup_s = GPU_WARMUP_S if device == "gpu" else 0.0
-    times = time_steps(lambda: step(x, eps), args.warmup, args.steps, sync, warmup_s=warmup_s)
-    out = {"step_s": times, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb(),
-           "version": torch.__version__, "threads": torch.get_num_threads()}
+    out = {"version": torch.__version__, "threads": torch.get_num_threads(), "memory_format": memory_format,
+           "compiled": compiled}
+    warmup = args.warmup
+    if compiled:  # the first step compiles, and raises where torch.compile does not work here
+        t = time.perf_counter()
+        try:
+            step(x, eps)
+            sync()
+        except Exception as e:  # noqa: BLE001  (any failure of the compiler stack: say why, let the others run)
+            return {"error": compile_failure(e, device), "compiled": True}
+        out["compile_s"] = time.perf_counter() - t
+        warmup = max(args.warmup, 2)  # and at least 2 compiled steps after it, before any is timed
+    info = {}
+    times = time_steps(lambda: step(x, eps), warmup, args.steps, sync, warmup_s=warmup_s, info=info)
+    out["warmup_s"] = out.get("compile_s", 0.0) + info["warmup_s"]
+    out.update(step_s=times, base_rss_mb=base_rss, peak_rss_mb=peak_rss_mb())
     if device == "gpu":
         out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
         if not args.layers:
             def forward_backward():
                 model.zero_grad(set_to_none=False)
-                model.loss(x, eps).backward()
+                step.loss(x, eps).backward()
             out["issue_s"] = issue_times(forward_backward, sync, args.steps)
     if args.layers:
         out["layers"] = torch_layer_times(model, x, eps, sync, args.steps)
-    else:
-        out["small_step_s"] = time_steps(lambda: step(x[:SMALL_BATCH], eps[:SMALL_BATCH]), args.warmup, args.steps,
+    else:  # (compiled: the new batch size compiles again in its first step, so one more warm-up step)
+        small_warmup = warmup + (1 if compiled else 0)
+        out["small_step_s"] = time_steps(lambda: step(x[:SMALL_BATCH], eps[:SMALL_BATCH]), small_warmup, args.steps,
                                          sync, warmup_s=warmup_s)
     return out
+
+
+def compile_failure(error, device):
+    """One line saying that torch.compile does not work on this device here, and why (the error's first line)."""
+    why = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "")
+    why = f"{type(error).__name__}: {why}" if why else type(error).__name__
+    where = "on the GPU" if device == "gpu" else "on the CPU"
+    return f"torch.compile does not work here {where} ({why[:300]})"
 
 
 def torch_layer_times(model, x, eps, sync, repeats):
@@ -282,9 +361,9 @@ def torch_layer_times(model, x, eps, sync, repeats):
 
 def worker_main(args):
     framework, preset, batch = args.worker[0], args.worker[1], int(args.worker[2])
-    kind, _, device = framework.partition("-")
-    if kind == "torch":
-        result = torch_worker(device, preset, batch, args)
+    kind, device = parse_framework(framework)
+    if kind in TORCH_KINDS:
+        result = torch_worker(kind, device, preset, batch, args)
     else:  # scratchvae (the fast engine) or reference
         result = scratchvae_worker(device, preset, batch, args, engine="reference" if kind == "reference" else "fast")
     print("RESULT " + json.dumps(result))
@@ -358,7 +437,7 @@ def merge_rounds(runs):
     merged["round_step_s"] = in_order
     merged["small_step_s"] = sorted(r["small_step_s"][len(r["small_step_s"]) // 2] for r in runs)
     merged["issue_s"] = [t for r in runs for t in r.get("issue_s", [])]  # (GPU only) every process's runs
-    for key in ("peak_rss_mb", "peak_device_mb"):
+    for key in ("peak_rss_mb", "peak_device_mb", "compile_s", "warmup_s"):
         if key in merged:
             merged[key] = max(r[key] for r in runs)
     return merged
@@ -367,6 +446,47 @@ def merge_rounds(runs):
 def summarize(result, batch):
     med = result["step_s"][len(result["step_s"]) // 2]
     return batch / med, med * 1e3
+
+
+def process_line(fw, preset, batch, r):
+    """The line printed as each process ends: its images/s, step times and peak memory (and compile time)."""
+    ips, ms = summarize(r, batch)
+    line = f"  {fw:>17s} {preset:8s} batch {batch:4d}: {ips:7.1f} img/s  ({ms:.1f} ms/step, " \
+           f"best {min(r['step_s']) * 1e3:.1f}, peak RSS {r['peak_rss_mb']:.0f} MB"
+    if "compile_s" in r:
+        line += f", compile + warm-up {r['warmup_s']:.1f} s of which the first step {r['compile_s']:.1f} s"
+    return line + ")"
+
+
+def left_out_line(fw, why):
+    """The line that says a framework cannot run here (``why``) and that the benchmark goes on without it."""
+    return f"  {fw}: {why}; left out, the other configurations carry on"
+
+
+def run_configurations(frameworks, args, run=None):
+    """Every configuration's result by (framework, preset, batch), and {framework: why} for those that cannot
+    run here. Each process is fresh, the frameworks alternate round by round; a framework whose worker reports
+    it cannot run (torch.compile without a compiler) is said so once and not run again."""
+    run = run or run_worker
+    results, left_out = {}, {}
+    for preset in args.presets:
+        for batch in args.batches:
+            runs = {fw: [] for fw in frameworks}
+            for _ in range(args.rounds):  # alternate the frameworks, so that all see the same disturbances
+                for fw in frameworks:
+                    if fw in left_out:
+                        continue
+                    r = run(fw, preset, batch, args)
+                    if r and "error" in r:
+                        left_out[fw] = r["error"]
+                        print(left_out_line(fw, r["error"]), flush=True)
+                        continue
+                    runs[fw].append(r)
+                    if r:
+                        print(process_line(fw, preset, batch, r), flush=True)
+            for fw in frameworks:
+                results[(fw, preset, batch)] = merge_rounds(runs[fw])
+    return results, left_out
 
 
 def print_throughput(results, frameworks, args):
@@ -394,6 +514,28 @@ def paired_ratios(a, b):
     return sorted(tb / ta for ta, tb in zip(a["round_step_s"], b["round_step_s"]) if ta and tb)
 
 
+def ratio_text(a, b, batch):
+    """'ratio of a's images/s to b's' and, over several processes, the ratios process by process."""
+    text = f"{summarize(a, batch)[0] / summarize(b, batch)[0]:5.2f}"
+    paired = paired_ratios(a, b)
+    if len(paired) > 1:
+        ahead = sum(r >= 1.0 for r in paired)
+        text += (f"   (process by process: median {statistics.median_low(paired):.2f}, "
+                 f"{paired[0]:.2f}-{paired[-1]:.2f}, at least 1.0 in {ahead} of {len(paired)})")
+    return text
+
+
+def ratio_pairs(frameworks):
+    """(ours, theirs) to compare: the fast engine against every PyTorch configuration and the reference engine,
+    device by device."""
+    pairs = []
+    for ours in (fw for fw in frameworks if parse_framework(fw)[0] == "scratchvae"):
+        device = parse_framework(ours)[1]
+        pairs += [(ours, fw) for fw in frameworks
+                  if fw != ours and parse_framework(fw)[1] == device and parse_framework(fw)[0] != "scratchvae"]
+    return pairs
+
+
 def print_ratios(results, pairs, args):
     print("\n== Ratio scratchvae (the fast engine) / the other (images/s; >= 1.0 means the fast engine is at least as "
           "fast) ==")
@@ -402,14 +544,87 @@ def print_ratios(results, pairs, args):
             for batch in args.batches:
                 a, b = results.get((ours, preset, batch)), results.get((theirs, preset, batch))
                 if a and b:
-                    ratio = summarize(a, batch)[0] / summarize(b, batch)[0]
-                    line = f"{ours:>14s} / {theirs:<10s} {preset:8s} batch {batch:4d}: {ratio:5.2f}"
-                    paired = paired_ratios(a, b)
-                    if len(paired) > 1:
-                        ahead = sum(r >= 1.0 for r in paired)
-                        line += (f"   (process by process: median {statistics.median_low(paired):.2f}, "
-                                 f"{paired[0]:.2f}-{paired[-1]:.2f}, at least 1.0 in {ahead} of {len(paired)})")
-                    print(line)
+                    print(f"{ours:>14s} / {theirs:<17s} {preset:8s} batch {batch:4d}: {ratio_text(a, b, batch)}")
+
+
+def torch_frameworks(frameworks, device, eager_only=False):
+    """The PyTorch configurations among ``frameworks`` on ``device`` (only the uncompiled ones if asked)."""
+    return [fw for fw in frameworks if is_torch(fw) and parse_framework(fw)[1] == device
+            and not (eager_only and TORCH_KINDS[parse_framework(fw)[0]][1])]
+
+
+def strongest(results, candidates, preset, batch):
+    """The framework among ``candidates`` with the most images/s for this preset and batch (None if none ran)."""
+    timed = [(summarize(results[(fw, preset, batch)], batch)[0], fw) for fw in candidates
+             if results.get((fw, preset, batch))]
+    return max(timed)[1] if timed else None
+
+
+def print_strongest(results, frameworks, args, left_out=None):
+    """scratchvae / the strongest PyTorch configuration, per preset, batch and device: what the targets mean."""
+    lines = []
+    for ours in (fw for fw in frameworks if parse_framework(fw)[0] == "scratchvae"):
+        theirs = torch_frameworks(frameworks, parse_framework(ours)[1])
+        for preset in args.presets:
+            for batch in args.batches:
+                a, best = results.get((ours, preset, batch)), strongest(results, theirs, preset, batch)
+                if a is None or best is None:
+                    continue
+                others = ", ".join(f"{fw} {summarize(results[(fw, preset, batch)], batch)[0]:.1f}" for fw in theirs
+                                   if fw != best and results.get((fw, preset, batch)))
+                b = results[(best, preset, batch)]
+                lines.append(f"{ours:>14s} / STRONGEST PyTorch {preset:8s} batch {batch:4d}: "
+                             f"{ratio_text(a, b, batch)}\n{'':>17s}the strongest: {best}, "
+                             f"{summarize(b, batch)[0]:.1f} img/s" + (f" (the others: {others})" if others else ""))
+    if not lines:
+        return
+    print("\n== Against PyTorch at its best: scratchvae / the strongest PyTorch configuration (the most images/s for "
+          "that preset, batch and device), the one the targets are measured against ==")
+    for line in lines:
+        print(line)
+    for fw, why in sorted((left_out or {}).items()):
+        print(f"  (not among them: {fw}, {why})")
+
+
+def peak_mb(result, device):
+    """The peak memory the target compares: the device pool on a GPU, the whole process's resident set on the CPU."""
+    return result["peak_device_mb"] if device == "gpu" else result["peak_rss_mb"]
+
+
+def print_memory_ratios(results, frameworks, args):
+    """scratchvae's peak memory against each PyTorch configuration's (ours / theirs) and against the smallest."""
+    lines = []
+    for ours in (fw for fw in frameworks if parse_framework(fw)[0] == "scratchvae"):
+        device = parse_framework(ours)[1]
+        theirs = torch_frameworks(frameworks, device)
+        for preset in args.presets:
+            for batch in args.batches:
+                a = results.get((ours, preset, batch))
+                peaks = {fw: peak_mb(results[(fw, preset, batch)], device) for fw in theirs
+                         if results.get((fw, preset, batch))}
+                if a is None or not peaks:
+                    continue
+                mine = peak_mb(a, device)
+                each = ", ".join(f"{fw} {mb:.0f} MB: {mine / mb:.2f}" for fw, mb in peaks.items())
+                least = min(peaks, key=peaks.get)
+                lines.append(f"{ours:>14s} {preset:8s} batch {batch:4d}: {mine:.0f} MB; ours / theirs: {each}\n"
+                             f"{'':>17s}against the smallest PyTorch peak ({least}, {peaks[least]:.0f} MB): "
+                             f"{mine / peaks[least]:.2f}")
+    if lines:
+        print("\n== Peak memory, scratchvae / PyTorch (ours / theirs; at most 1.0 means no more than PyTorch; the "
+              "CPU: the process's peak RSS, a GPU: the device pool) ==")
+        for line in lines:
+            print(line)
+
+
+def print_compile_times(results):
+    """Each compiled configuration's compile + warm-up time (the slowest of its processes)."""
+    rows = [(key, r) for key, r in sorted(results.items()) if r is not None and "compile_s" in r]
+    if rows:
+        print("\n== torch.compile: the slowest process's compile + warm-up (untimed) ==")
+        for (fw, preset, batch), r in rows:
+            print(f"{fw:>17s} {preset:8s} batch {batch:4d}: {r['warmup_s']:.1f} s, of which the first step "
+                  f"(compilation) {r['compile_s']:.1f} s")
 
 
 def print_memory(results):
@@ -417,7 +632,7 @@ def print_memory(results):
     for (fw, preset, batch), r in sorted(results.items()):
         if r is None:
             continue
-        line = f"{fw:>14s} {preset:8s} batch {batch:4d}: peak RSS {r['peak_rss_mb']:7.0f} MB " \
+        line = f"{fw:>17s} {preset:8s} batch {batch:4d}: peak RSS {r['peak_rss_mb']:7.0f} MB " \
                f"(process before the model: {r['base_rss_mb']:.0f} MB)"
         if "peak_device_mb" in r:
             line += f", device pool {r['peak_device_mb']:.0f} MB"
@@ -447,6 +662,17 @@ def print_small_steps(results):
             print(f"{fw:>14s} {preset:8s} batch {batch:4d}: {small:7.1f} ms of {full:7.1f} ms ({small / full:.0%})")
     print("  (where a step of a few images takes most of a full one, as on a GPU with small layers, issuing the work "
           "- Python, kernel launches - bounds the step, not the arithmetic)")
+
+
+def layer_framework(results, frameworks, device, preset):
+    """The PyTorch configuration whose layers the per-layer breakdown times: the eager one with the most images/s
+    at batch 64 (channels_last where none ran at 64; channels_last too where only torch.compile is timed, whose
+    layout it is); None without PyTorch."""
+    eager = torch_frameworks(frameworks, device, eager_only=True)
+    if not torch_frameworks(frameworks, device):
+        return None
+    return strongest(results, eager, preset, 64) or next((fw for fw in eager if fw.startswith("torch_cl-")),
+                                                         eager[0] if eager else f"torch_cl-{device}")
 
 
 def print_layers(ours, theirs, ours_name, theirs_name, step_ms, preset):
@@ -479,9 +705,11 @@ def print_layers(ours, theirs, ours_name, theirs_name, step_ms, preset):
         print(f"{'rest of the step (loss, Adam, ...)':36s} {ours['mean_step_ms'] - tot_a:17.1f}")
     print(f"{'whole step (median)':36s} {step_ms[0]:17.1f}" + (f" {step_ms[1]:17.1f}" if theirs else ""))
     if theirs:
+        layout = TORCH_LAYOUTS[TORCH_KINDS[parse_framework(theirs_name)[0]][0]]
         print(f"({ours_name}: each layer timed inside the training step; {theirs_name}: each layer run alone on"
               " an input of its shape, median of the repeats, the first conv without an input gradient as in"
-              " the model, so its column does not add up to its step)")
+              " the model, so its column does not add up to its step. PyTorch's column is its stronger eager"
+              f" configuration, {theirs_name} ({layout}); a torch.compile graph cannot be timed layer by layer)")
 
 
 def batch_assembly(step_ms, args, framework):
@@ -539,39 +767,28 @@ def main(argv=None):
     if not devices:
         print("  nothing to time: --devices gpu, but no GPU is usable")
         return 1
-    frameworks = [f"scratchvae-{d}" for d in devices] + ([f"reference-{d}" for d in devices] if args.reference else [])
+    use_torch = not args.no_torch and torch_available()
+    frameworks = build_frameworks(devices, args.reference, args.torch_configs if use_torch else ())
     if args.no_torch:
         print("  PyTorch: skipped (--no-torch)")
-    elif torch_available():
-        frameworks += [f"torch-{d}" for d in devices]
+    elif use_torch:
+        print("  PyTorch configurations: " + "; ".join(TORCH_DESCRIPTIONS[c] for c in args.torch_configs))
         if "gpu" in devices:
             print("  PyTorch CUDA: TF32 off (cudnn.allow_tf32, matmul.allow_tf32), float32 like CuPy's products")
     else:
         print("  PyTorch: not installed in this environment, so the comparison is skipped "
               "(install torch to compare; it is not a dependency of scratchvae)")
 
-    results = {}
-    for preset in args.presets:
-        for batch in args.batches:
-            runs = {fw: [] for fw in frameworks}
-            for _ in range(args.rounds):  # alternate the frameworks, so that both see the same disturbances
-                for fw in frameworks:
-                    r = run_worker(fw, preset, batch, args)
-                    runs[fw].append(r)
-                    if r:
-                        ips, ms = summarize(r, batch)
-                        print(f"  {fw:>14s} {preset:8s} batch {batch:4d}: {ips:7.1f} img/s  ({ms:.1f} ms/step, "
-                              f"best {min(r['step_s']) * 1e3:.1f}, peak RSS {r['peak_rss_mb']:.0f} MB)", flush=True)
-            for fw in frameworks:
-                results[(fw, preset, batch)] = merge_rounds(runs[fw])
+    results, left_out = run_configurations(frameworks, args)
 
     print_throughput(results, frameworks, args)
-    pairs = [(o, t) for o, t in (("scratchvae-cpu", "torch-cpu"), ("scratchvae-gpu", "torch-gpu"),
-                                 ("scratchvae-cpu", "reference-cpu"), ("scratchvae-gpu", "reference-gpu"))
-             if o in frameworks and t in frameworks]
+    pairs = ratio_pairs(frameworks)
     if pairs:
         print_ratios(results, pairs, args)
+    print_strongest(results, frameworks, args, left_out)
+    print_compile_times(results)
     print_memory(results)
+    print_memory_ratios(results, frameworks, args)
     print_small_steps(results)
     print_issue_times(results)
 
@@ -579,12 +796,11 @@ def main(argv=None):
     step_ms = {b: summarize(results[(stepping, "default", b)], b)[1]
                for b in args.batches if results.get((stepping, "default", b))}
     if not args.no_layers:
-        for ours_fw, theirs_fw in [("scratchvae-cpu", "torch-cpu"), ("scratchvae-gpu", "torch-gpu")]:
-            if ours_fw not in frameworks:
-                continue
+        for ours_fw in (f"scratchvae-{d}" for d in devices):
             for preset in args.presets:
+                theirs_fw = layer_framework(results, frameworks, parse_framework(ours_fw)[1], preset)
                 ours = run_worker(ours_fw, preset, 64, args, layers=True)
-                theirs = run_worker(theirs_fw, preset, 64, args, layers=True) if theirs_fw in frameworks else None
+                theirs = run_worker(theirs_fw, preset, 64, args, layers=True) if theirs_fw else None
                 if ours:
                     steps = (summarize(ours, 64)[1], summarize(theirs, 64)[1] if theirs else 0.0)
                     print_layers(ours, theirs, ours_fw, theirs_fw, steps, preset)

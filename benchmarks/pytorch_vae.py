@@ -1,6 +1,7 @@
 """The same conv VAE in PyTorch, for the comparison in ``bench_train.py`` (PyTorch is not a dependency).
 
-Built layer for layer like ``scratchvae.vae.VAE`` (NCHW here, as PyTorch wants): per encoder width,
+Built layer for layer like ``scratchvae.vae.VAE`` (NCHW shapes, as PyTorch wants; stored NCHW or, with
+``memory_format="channels_last"``, NHWC in memory): per encoder width,
 Conv2d(3x3, stride 2, pad 1) + BatchNorm + LeakyReLU; two Linear heads for mu and logvar; Linear ->
 reshape -> per width ConvTranspose2d(3x3, stride 2, pad 1, output_padding 1) + BatchNorm + LeakyReLU;
 a last ConvTranspose2d at the first width, Conv2d(3x3, pad 1) to the image channels, Sigmoid.
@@ -47,17 +48,35 @@ class TorchVAE(nn.Module):
         return (sse + kl).mean()
 
 
-def make_train_step(channels, latent_dim, image_size=64, seed=0):
-    """A PyTorch model, its Adam, and ``step(x, eps)``: one forward, backward and update (x, eps torch tensors)."""
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def make_train_step(channels, latent_dim, image_size=64, seed=0, memory_format="contiguous", compile=False,
+                    device="cpu"):
+    """A PyTorch model, its Adam, and ``step(x, eps)``: one forward, backward and update (x, eps torch tensors).
+
+    ``memory_format="channels_last"`` stores the model's 4-d weights channels-last (NHWC in memory); give it
+    inputs in that layout too (``to_layout``). ``compile=True`` runs the loss through ``torch.compile``: the
+    forward is compiled, its backward follows by AOT autograd, Adam stays eager. Compilation happens in the
+    first call (again for a new input shape) and raises there where it does not work (no C++ compiler, no
+    triton); ``step.loss`` is the loss function the step calls."""
     torch.manual_seed(seed)
     model = TorchVAE(image_size, tuple(channels), latent_dim).train()
+    model.to(device=device, memory_format=MEMORY_FORMATS[memory_format])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.compile(model.loss) if compile else model.loss
 
     def step(x, eps):
         opt.zero_grad(set_to_none=False)
-        loss = model.loss(x, eps)
+        loss = loss_fn(x, eps)
         loss.backward()
         opt.step()
         return float(loss.detach())
 
+    step.loss = loss_fn
     return model, opt, step
+
+
+def to_layout(x, memory_format):
+    """``x`` stored in ``memory_format`` ("contiguous" or "channels_last"), as the model of that format wants it."""
+    return x.contiguous(memory_format=MEMORY_FORMATS[memory_format])
