@@ -29,6 +29,8 @@ from .workspace import Workspace
 
 # images per block of the multiply-first convolution: tap planes of about 4 MB, which are still in cache when added
 TAP_BLOCK = 1 << 20
+# numbers per block of ConvTranspose2d's backward column matrix (8 MB of float32), in cache for both its products
+DCOL_BLOCK = 1 << 21
 
 
 def windows(xpad, top, left, oh, ow, kh, kw, stride):
@@ -65,7 +67,7 @@ def _split(first, stride, k, size, count):
     return (p0, p1), [r for r in ((0, p0), (p1, count)) if r[0] < r[1]]
 
 
-def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False):
+def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False, scratch=False):
     """The column matrix ``(N*OH*OW, kh*kw*C)`` of every kernel window of NHWC ``x``, in a work array of ``module``.
 
     Output position (p, q) sees the window whose top-left pixel is ``(top + s p, left + s q)``; where a window
@@ -74,6 +76,7 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
     zero-bordered copies of the few rows or columns they read, so x itself is never copied into a padded array.
     On a GPU one kernel (``kernels``' ``im2col``) writes the whole matrix instead, zeros and ones included.
 
+    With ``scratch`` the matrix is a ``scratch_array``, for a caller who is done with it before it returns.
     With ``ones_column`` the matrix has a first column of ones. Multiplied by a weight matrix whose first
     row is the bias, the product then adds the bias itself, with no pass of its own over the output; and
     in backward, col^T dy has the bias gradient (the sum of dy) as its first row.
@@ -86,11 +89,14 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
         if n * oh * ow >= 2 ** 31:  # (im2col counts its rows in 32-bit integers)
             raise ValueError(f"{n * oh * ow} output pixels in one batch: the GPU's im2col takes fewer than 2^31; "
                              "use a smaller batch")
-        rows = module.work_array(name, (n * oh * ow, one + k), x.dtype, xp)
+        rows = (module.scratch_array if scratch else module.work_array)(name, (n * oh * ow, one + k), x.dtype, xp)
         kernels.kernel(xp, "im2col")(x, h, w, c, oh, ow, kh, kw, stride, top, left, one, rows)
         return rows
-    # made filled with ones: the windows overwrite all but the first column, which so stays ones for good
-    col = module.work_array(name, (n, oh, ow, one + k), x.dtype, xp, fill=one or None, tag=one)
+    if scratch:  # shared with other layers: the column of ones is written anew
+        col = module.scratch_array(name, (n, oh, ow, one + k), x.dtype, xp)
+        col[..., :one] = 1
+    else:  # made filled with ones: the windows overwrite all but the first column, which so stays ones for good
+        col = module.work_array(name, (n, oh, ow, one + k), x.dtype, xp, fill=one or None, tag=one)
     taps = col[..., one:].reshape(n, oh, ow, kh, kw * c)
     (p0, p1), border_rows = _split(top, stride, kh, h, oh)
     (q0, q1), border_cols = _split(left, stride, kw, w, ow)
@@ -157,7 +163,7 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     d0, e0 = min(d for _, _, d in taps_h), min(e for _, _, e in taps_w)
     th, tw = max(d for _, _, d in taps_h) - d0 + 1, max(e for _, _, e in taps_w) - e0 + 1
     mh, mw = -(-oh // s), -(-ow // s)  # output pixels per phase (rounded up; the excess is cropped below)
-    col = gather(module, "subpixel_col", x, d0, e0, mh, mw, th, tw, 1, bias is not None)
+    col = gather(module, "subpixel_col", x, d0, e0, mh, mw, th, tw, 1, bias is not None, scratch=True)
     # rows (ones, window row t, window column u, c_in) x columns (row phase a, column phase b, c_out): the weights
     # phase (a, b) applies to each number of a window, zero where that phase lacks a tap
     wsub = array_module(w).empty((one + th * tw * cin, s, s, cout), dtype=w.dtype)
@@ -187,7 +193,7 @@ def _phase_products_cpu(module, col, w, wsub, y, name, row_phases, col_phases, w
         for b, cols in enumerate(col_phases):  # all the taps of phase (a, b) in one copy
             if rows and cols:
                 taps[rows[0], cols[0], :, a, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
-    phase = module.work_array(name + " phase", (len(col), s * cout), col.dtype, xp)
+    phase = module.scratch_array("phase", (len(col), s * cout), col.dtype, xp)
     for a, rows in enumerate(row_phases):
         used = one + (rows[0].stop if rows else 0) * tw * cin
         xp.matmul(col[:, :used], wsub[:used, a].reshape(used, s * cout), out=phase)
@@ -202,7 +208,7 @@ def _phase_products_gpu(module, col, wsub, y, name):
     """On a GPU, where each product and copy is a launch: every phase in one product (the zero rows included),
     then one copy that interleaves them."""
     n, mh, s, mw, _, cout = y.shape
-    phases = module.work_array(name + " phases", (len(col), s * s * cout), col.dtype, array_module(col))
+    phases = module.scratch_array("phases", (len(col), s * s * cout), col.dtype, array_module(col))
     array_module(col).matmul(col, wsub.reshape(len(wsub), s * s * cout), out=phases)
     y[...] = phases.reshape(n, mh, mw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
 
@@ -354,7 +360,8 @@ class Conv2d(Workspace, layers.Conv2d):
 
 class ConvTranspose2d(Workspace, layers.ConvTranspose2d):
     """``layers.ConvTranspose2d``, fast: forward is ``transposed_conv`` (sub-pixel phases, no scatter); backward
-    is a Conv2d-style gather of dy, whose columns give both dW and dx."""
+    is a Conv2d-style gather of dy, whose columns give both dW and dx, a block of images at a time (the partial
+    dW added in float64)."""
 
     def forward(self, x):
         oh, ow = self.check_input(x)
@@ -364,11 +371,21 @@ class ConvTranspose2d(Workspace, layers.ConvTranspose2d):
     def backward(self, dy):
         xp = array_module(dy)
         n, _, _, cout = dy.shape
-        (h, w), p = self.in_hw, self.padding
-        # the windows of dy that every input pixel scattered onto: im2col of dy with stride s
-        dcol = gather(self, "dcol", dy, -p, -p, h, w, self.kh, self.kw, self.stride)
-        dw = sum_over_rows(dcol, self.x2)  # (kh*kw*out, in)
-        self.grads["W"] += dw.reshape(self.kh, self.kw, cout, self.in_channels).transpose(3, 2, 0, 1)
+        (h, w), p, cin = self.in_hw, self.padding, self.in_channels
+        # images per block: the block's column matrix stays in cache for both its products (all N on a device)
+        block = n if backend.is_device_array(dy) else max(1, DCOL_BLOCK // (h * w * self.kh * self.kw * cout))
+        dw = xp.zeros((self.kh * self.kw * cout, cin), dtype=xp.float64 if block < n else dy.dtype)
+        dx = self.output_array("dx", (n * h * w, cin), dy.dtype, xp) if self.input_grad else None
+        wmat_t = self._wmat().T
+        for start in range(0, n, block):
+            pixels = slice(start * h * w, min(start + block, n) * h * w)
+            # the windows of dy that every input pixel scattered onto: im2col of dy with stride s
+            dcol = gather(self, "dcol", dy[start:start + block], -p, -p, h, w, self.kh, self.kw, self.stride,
+                          scratch=True)
+            dw += sum_over_rows(dcol, self.x2[pixels])  # (kh*kw*out, in)
+            if dx is not None:
+                xp.matmul(dcol, wmat_t, out=dx[pixels])
+        self.grads["W"] += dw.reshape(self.kh, self.kw, cout, cin).transpose(3, 2, 0, 1).astype(dy.dtype)
         if "b" in self.params:
             if backend.is_device_array(dy):  # two launches instead of five
                 sums = kernels.block_sums(xp, "sum_rows", dy.reshape(-1, cout))
@@ -376,9 +393,4 @@ class ConvTranspose2d(Workspace, layers.ConvTranspose2d):
             else:
                 dy_rows, k = channel_rows(dy)
                 self.grads["b"] += pixel_sums(dy_rows, k).astype(dy.dtype)
-        if not self.input_grad:
-            return None
-        dx = self.output_array("dx", (n * h * w, self.in_channels), dy.dtype, xp)
-        return xp.matmul(dcol, self._wmat().T, out=dx).reshape(n, h, w, self.in_channels)
-
-
+        return None if dx is None else dx.reshape(n, h, w, cin)

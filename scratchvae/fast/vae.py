@@ -5,14 +5,14 @@ from ..backend import array_module, to_host
 from ..vae import VAE
 from . import layers
 from .optim import Adam
-from .workspace import flat_buffers, flat_parameters, flatten_parameters, recycling_outputs
+from .workspace import flat_buffers, flat_parameters, flatten_parameters, recycling_outputs, share_scratch
 
 
 class FastVAE(VAE):
     """``VAE(engine="fast")``: the same model as ``VAE(engine="reference")`` (parameter names, initialisation,
     numbers), built from ``scratchvae.fast``'s layers. Its parameters, gradients and buffers each live in one
-    array, so that Adam, ``zero_grad`` and the buffers' snapshot each work on one array; inside a training step
-    the layers write their outputs over the previous step's."""
+    array, so that Adam, ``zero_grad`` and the buffers' snapshot each work on one array; the layers share their
+    scratch arrays; inside a training step the layers write their outputs over the previous step's."""
 
     engine = "fast"
     layers = layers
@@ -20,12 +20,14 @@ class FastVAE(VAE):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         flatten_parameters(self)
+        share_scratch(self)
 
     def __setstate__(self, state):
         # a copy's (or an unpickled model's) parameters are arrays of their own, no longer views of one: flatten anew
         self.__dict__.update(state)
         self.__dict__.pop("_flat", None)
         flatten_parameters(self)
+        share_scratch(self)
 
     def make_optimizer(self, lr=1e-3):
         """The fast engine's Adam, over the model's one array of parameters."""

@@ -7,6 +7,7 @@ buffer), so that Adam, ``zero_grad`` and the buffers' snapshot each touch one ar
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 from ..backend import array_module, is_device_array
@@ -54,6 +55,7 @@ class Workspace:
         # signatures hold the array module, which neither copies nor pickles)
         state = dict(self.__dict__)
         state.pop("_work", None)
+        state.pop("_arena", None)  # (the model that shares it shares a new one: FastVAE.__setstate__)
         return state
 
     def work_array(self, name, shape, dtype, xp, fill=None, tag=None):
@@ -69,6 +71,19 @@ class Workspace:
             entry = (signature, xp.empty(shape, dtype=dtype) if fill is None else xp.full(shape, fill, dtype=dtype))
             work[name] = entry
         return entry[1]
+
+    def scratch_array(self, name, shape, dtype, xp):
+        """A work array for the length of one call only, its contents undefined: shared by every layer of a model
+        (``share_scratch``), so that a model keeps one array of each name, the size of its largest layer's, instead
+        of one per layer. A layer on its own keeps its own (``work_array``)."""
+        arena = self.__dict__.get("_arena")
+        if arena is None:
+            return self.work_array(name, shape, dtype, xp)
+        size, key = math.prod(shape), (name, xp.dtype(dtype), xp)
+        flat = arena.get(key)
+        if flat is None or flat.size < size:
+            flat = arena[key] = xp.empty(size, dtype=dtype)
+        return flat[:size].reshape(shape)
 
     def thread_array(self, name, shape, dtype, xp):
         """``work_array`` of the calling thread's own: scratch for a piece of ``threads.each_piece``, which pieces
@@ -109,6 +124,15 @@ class Workspace:
         else:
             inside[...] = x
         return out
+
+
+def share_scratch(model):
+    """Let every layer below ``model`` share one set of scratch arrays (``scratch_array``); returns model."""
+    arena = {}
+    for _, module in model.named_modules():
+        if isinstance(module, Workspace):
+            module.__dict__["_arena"] = arena
+    return model
 
 
 @contextlib.contextmanager
