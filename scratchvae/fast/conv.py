@@ -24,13 +24,15 @@ from .. import backend, layers
 from ..backend import array_module
 from . import kernels
 from .norm import PIECE, channel_rows, pixel_sums
-from .threads import each_piece
+from .threads import each_piece, get_threads
 from .workspace import Workspace
 
 # images per block of the multiply-first convolution: tap planes of about 4 MB, which are still in cache when added
 TAP_BLOCK = 1 << 20
 # numbers per block of ConvTranspose2d's backward column matrix (8 MB of float32), in cache for both its products
 DCOL_BLOCK = 1 << 21
+# numbers per block of the sub-pixel column matrix (8 MB), in cache for its products and the interleaving copies
+SUBPIXEL_BLOCK = 1 << 21
 
 
 def windows(xpad, top, left, oh, ow, kh, kw, stride):
@@ -163,39 +165,48 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
     d0, e0 = min(d for _, _, d in taps_h), min(e for _, _, e in taps_w)
     th, tw = max(d for _, _, d in taps_h) - d0 + 1, max(e for _, _, e in taps_w) - e0 + 1
     mh, mw = -(-oh // s), -(-ow // s)  # output pixels per phase (rounded up; the excess is cropped below)
-    col = gather(module, "subpixel_col", x, d0, e0, mh, mw, th, tw, 1, bias is not None, scratch=True)
     # rows (ones, window row t, window column u, c_in) x columns (row phase a, column phase b, c_out): the weights
     # phase (a, b) applies to each number of a window, zero where that phase lacks a tap
-    wsub = array_module(w).empty((one + th * tw * cin, s, s, cout), dtype=w.dtype)
+    # (kept from call to call: where a phase lacks a tap it stays zero, so only the taps are written anew)
+    wsub = module.work_array(name + " wsub", (one + th * tw * cin, s, s, cout), w.dtype, array_module(w), fill=0)
     if bias is not None:
         wsub[0] = bias  # every phase of every pixel
-    y = module.output_array(name, (n, mh, s, mw, s, cout), col.dtype, array_module(x))
+    y = module.output_array(name, (n, mh, s, mw, s, cout), x.dtype, array_module(x))
     if backend.is_device_array(x):
+        col = gather(module, "subpixel_col", x, d0, e0, mh, mw, th, tw, 1, bias is not None, scratch=True)
         kernels.kernel(array_module(w), "subpixel_weights")(w, cin, cout, kh, kw, th, tw, s, padding, d0, e0, wsub[one:])
-        _phase_products_gpu(module, col, wsub, y, name)
+        _phase_products_gpu(module, col, wsub, y)
     else:
-        _phase_products_cpu(module, col, w, wsub, y, name, [phase_taps(taps_h, a, s, d0) for a in range(s)],
-                            [phase_taps(taps_w, b, s, e0) for b in range(s)], (th, tw))
+        row_phases = [phase_taps(taps_h, a, s, d0) for a in range(s)]
+        _subpixel_weights_cpu(w, wsub[one:].reshape(th, tw, cin, s, s, cout), row_phases,
+                              [phase_taps(taps_w, b, s, e0) for b in range(s)])
+        # a block of images at a time: its column matrix and phase products stay in cache until interleaved
+        block = max(1, SUBPIXEL_BLOCK // (mh * mw * len(wsub)))
+        for start in range(0, n, block):
+            col = gather(module, "subpixel_col", x[start:start + block], d0, e0, mh, mw, th, tw, 1, bias is not None,
+                         scratch=True)
+            _phase_products_cpu(module, col, wsub, y[start:start + block], row_phases, tw * cin, one)
     return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
 
 
-def _phase_products_cpu(module, col, w, wsub, y, name, row_phases, col_phases, window):
-    """The CPU's sub-pixel weights (one strided copy of W per phase) and products: for each row phase, the window
-    rows up to its last tap (a leading block of col's columns) times its weights, copied into its output pixels.
-    ``window`` is (T rows, T columns) of shifts; the phases' taps as slices serve both the copies and the products."""
-    xp = array_module(col)
-    n, mh, s, mw, _, cout = y.shape
-    (th, tw), cin = window, w.shape[0]
-    one = len(wsub) - th * tw * cin
-    wsub[one:] = 0
-    taps = wsub[one:].reshape(th, tw, cin, s, s, cout)
+def _subpixel_weights_cpu(w, taps, row_phases, col_phases):
+    """The CPU's sub-pixel weights ``taps`` (T, T, C_in, s, s, C_out): one strided copy of W per phase, into an
+    array that is zero where a phase lacks a tap; the phases' taps as slices (``phase_taps``)."""
     for a, rows in enumerate(row_phases):
         for b, cols in enumerate(col_phases):  # all the taps of phase (a, b) in one copy
             if rows and cols:
                 taps[rows[0], cols[0], :, a, b, :] = w[:, :, rows[1], cols[1]].transpose(2, 3, 0, 1)
+
+
+def _phase_products_cpu(module, col, wsub, y, row_phases, window_row, one):
+    """The CPU's sub-pixel products: for each row phase, the window rows up to its last tap (a leading block of
+    col's columns after ``one`` column of ones or none, ``window_row`` = T*C_in numbers a row) times its weights,
+    copied into its output pixels."""
+    xp = array_module(col)
+    n, mh, s, mw, _, cout = y.shape
     phase = module.scratch_array("phase", (len(col), s * cout), col.dtype, xp)
     for a, rows in enumerate(row_phases):
-        used = one + (rows[0].stop if rows else 0) * tw * cin
+        used = one + (rows[0].stop if rows else 0) * window_row
         xp.matmul(col[:, :used], wsub[:used, a].reshape(used, s * cout), out=phase)
 
         def interleave(y_p, phase_p, a=a):  # output pixels (s m + a, s m' + b): one copy, shared among the threads
@@ -204,7 +215,7 @@ def _phase_products_cpu(module, col, w, wsub, y, name, row_phases, col_phases, w
         each_piece(interleave, y, phase.reshape(n, mh, mw, s, cout), size=PIECE)
 
 
-def _phase_products_gpu(module, col, wsub, y, name):
+def _phase_products_gpu(module, col, wsub, y):
     """On a GPU, where each product and copy is a launch: every phase in one product (the zero rows included),
     then one copy that interleaves them."""
     n, mh, s, mw, _, cout = y.shape
@@ -321,14 +332,23 @@ class Conv2d(Workspace, layers.Conv2d):
             kernels.kernel(xp, "tap_planes_sum")(z, bias, n, h, w, cout, oh, ow, self.kh, self.kw, self.padding, y)
             return y.transpose(0, 2, 3, 1)
         y[...] = self.params["b"][None, :, None, None] if "b" in self.params else 0
-        z6 = z.reshape(self.kh, self.kw, cout, block, h, w)
+        shifts = list(self._shifts())
+
+        def add_taps(planes, z_images):  # a few images: (images, C_out, OH, OW) and (images, kh, kw, C_out, H, W)
+            for i, j, (rows, cols), (in_rows, in_cols) in shifts:
+                planes[:, :, rows, cols] += z_images[:, i, j][:, :, in_rows, in_cols]
+
         for start in range(0, n, block):
             # z[i, j, o] is the plane (block, H, W) of every input pixel times tap (i, j) for output channel o
             xp.matmul(taps, self.x2[start * h * w:(start + block) * h * w].T, out=z)
-            planes = y[start:start + block].transpose(1, 0, 2, 3)  # (C_out, block, OH, OW), like z[i, j]
-            for i, j, (rows, cols), (in_rows, in_cols) in self._shifts():
-                planes[:, :, rows, cols] += z6[i, j][:, :, in_rows, in_cols]
+            z_images = z.reshape(self.kh, self.kw, cout, block, h, w).transpose(3, 0, 1, 2, 4, 5)
+            each_piece(add_taps, y[start:start + block], z_images, size=self._share(y[start:start + block]))
         return y.transpose(0, 2, 3, 1)  # NHWC in shape, NCHW in memory
+
+    @staticmethod
+    def _share(images):
+        """Numbers per piece that give each thread an equal run of whole images."""
+        return -(-len(images) // get_threads()) * (images.size // len(images))
 
     def _backward_multiply_first(self, dy):
         xp = array_module(dy)
@@ -344,12 +364,19 @@ class Conv2d(Workspace, layers.Conv2d):
         dz2 = dz.reshape(-1, block * h * w)
         dw = xp.zeros((len(dz2), c), dtype=xp.float64 if block < n else dy.dtype)  # (kh*kw*out, in)
         dx = self.output_array("dx", (n * h * w, c), dy.dtype, xp) if self.input_grad else None
+        shifts = list(self._shifts())
+
+        def shift_dy(dz_images, dy_images):  # a few images: (images, kh, kw, C_out, H, W) and (images, C_out, OH, OW)
+            for i, j, (rows, cols), (in_rows, in_cols) in shifts:
+                dz_images[:, i, j][:, :, in_rows, in_cols] = dy_images[:, :, rows, cols]
+
         for start in range(0, n, block):
             if backend.is_device_array(dy):  # one block of all N images: every tap's copy in one launch
                 kernels.kernel(xp, "tap_planes_of_dy")(dy_planes, n, h, w, cout, *self.out_hw, self.kw, self.padding, dz)
             else:
-                for i, j, (rows, cols), (in_rows, in_cols) in self._shifts():
-                    dz[i, j][:, :, in_rows, in_cols] = dy_planes[:, start:start + block, rows, cols]
+                dz_images = dz.transpose(3, 0, 1, 2, 4, 5)
+                each_piece(shift_dy, dz_images, dy_planes[:, start:start + block].transpose(1, 0, 2, 3),
+                           size=self._share(dz_images))
             pixels = slice(start * h * w, (start + block) * h * w)
             dw += sum_over_rows(dz2.T, self.x2[pixels])
             if dx is not None:
