@@ -92,10 +92,17 @@ class Workspace:
 
     def output_array(self, name, shape, dtype, xp):
         """The array to write an output into: a new one, or inside a training step the one of the last step
-        (no fresh memory, whose first touch costs a page fault per 4 KiB)."""
-        if self.recycle_outputs:
-            return self.work_array("output " + name, shape, dtype, xp)
-        return xp.empty(shape, dtype=dtype)
+        (no fresh memory, whose first touch costs a page fault per 4 KiB); an input gradient ``"dx"`` there, in a
+        model that shares its scratch (``share_scratch``), one of two arrays that every layer takes in turn."""
+        if not self.recycle_outputs:
+            return xp.empty(shape, dtype=dtype)
+        arena = self.__dict__.get("_arena")
+        if name == "dx" and arena is not None:
+            # an input gradient is used up by the layer before, whose own goes to the other of two shared arrays
+            # (so a model keeps two, the size of its largest, instead of one per layer)
+            turn = arena["dx turn"] = 1 - arena.get("dx turn", 0)
+            return self.scratch_array(f"dx {turn}", shape, dtype, xp)
+        return self.work_array("output " + name, shape, dtype, xp)
 
     def output_like(self, name, x):
         """``output_array`` for an output of x's shape and dtype, laid out in memory like x (see ``memory_order``),
