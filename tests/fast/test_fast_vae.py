@@ -58,3 +58,41 @@ def test_gpu_code_path_gives_the_cpu_numbers(f64, monkeypatch, kw):
             atol = 1e-7 if name in noisy and got_arrays is got[2] else 1e-12
             numpy.testing.assert_allclose(got_arrays[name], want_arrays[name], rtol=1e-9, atol=atol, err_msg=name)
     assert any(not numpy.array_equal(want[2][k], host(v)) for k, v in host_start.items())  # the steps changed them
+
+
+def _trained(seed=3, steps=2):
+    model = VAE(image_size=16, preset="tiny", seed=seed)
+    optimizer = model.make_optimizer(lr=1e-2)
+    images = backend.rng(50 + seed).random((3, 3, 16, 16)).astype(numpy.float32)
+    for step in range(steps):
+        model.train_step(images, optimizer, rng=backend.rng((seed, step)))
+    return model, optimizer, images
+
+
+def test_layers_share_their_scratch_and_take_turns_with_input_gradients():
+    """A FastVAE's layers keep no column matrices or input gradients of their own: the model holds one scratch
+    array of each kind, and two input gradients that every layer writes in turn."""
+    model, _, _ = _trained()
+    layers = [m for _, m in model.named_modules() if isinstance(m, fast.workspace.Workspace)]
+    arena = layers[0]._arena
+    assert all(m._arena is arena for m in layers)
+    own = {name for m in layers for name in m.__dict__.get("_work", {})}
+    assert "output y" in own and not own & {"subpixel_col", "dcol", "phase", "output dx"}, own
+    assert sorted(key[0] for key in arena if isinstance(key, tuple) and key[0].startswith("dx")) == ["dx 0", "dx 1"]
+
+
+def test_two_models_trained_in_turn_train_as_each_alone():
+    """Each model (and each copy) has its own scratch: training two in turn gives each one's numbers alone."""
+    import copy  # noqa: PLC0415
+
+    alone = [_trained(seed, steps=3)[0].state_dict() for seed in (3, 4)]
+    a, opt_a, x_a = _trained(3, steps=0)
+    b, opt_b, x_b = _trained(4, steps=0)
+    for step in range(3):
+        a.train_step(x_a, opt_a, rng=backend.rng((3, step)))
+        b.train_step(x_b, opt_b, rng=backend.rng((4, step)))
+    clone = copy.deepcopy(a)
+    assert clone.encoder.layers[0]._arena is not a.encoder.layers[0]._arena
+    for want, model in zip(alone, (a, b)):
+        got = model.state_dict()
+        assert [k for k in want if not numpy.array_equal(want[k], got[k])] == []
