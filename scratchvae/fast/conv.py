@@ -35,6 +35,13 @@ DCOL_BLOCK = 1 << 21
 SUBPIXEL_BLOCK = 1 << 21
 
 
+def images_per_block(n, per_image, size):
+    """Images per block, for blocks of about ``size`` numbers at ``per_image`` each: the n images in as few blocks
+    as that allows, all of one length but the last, which is shorter by less than the number of blocks."""
+    blocks = -(-n * per_image // max(size, per_image))
+    return -(-n // blocks)
+
+
 def windows(xpad, top, left, oh, ow, kh, kw, stride):
     """Every kernel window of an NHWC array as one strided view ``(N, OH, OW, kh, kw*C)``, without copying.
 
@@ -116,7 +123,8 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
         r0, c0 = top + stride * pa, left + stride * qa
         rows, above, below = _inside(r0, top + stride * (pb - 1) + kh, h)
         cols, before, after = _inside(c0, left + stride * (qb - 1) + kw, w)
-        part = module.padded(f"{name} border {pa} {qa}", x[:, rows, cols], above, below, before, after)
+        # (one per number of images: a last, shorter block of images keeps its own)
+        part = module.padded(f"{name} border {pa} {qa} {n}", x[:, rows, cols], above, below, before, after)
         taps[:, pa:pb, qa:qb] = windows(part, 0, 0, pb - pa, qb - qa, kh, kw, stride)
     return col.reshape(n * oh * ow, one + k)
 
@@ -181,7 +189,7 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
         _subpixel_weights_cpu(w, wsub[one:].reshape(th, tw, cin, s, s, cout), row_phases,
                               [phase_taps(taps_w, b, s, e0) for b in range(s)])
         # a block of images at a time: its column matrix and phase products stay in cache until interleaved
-        block = max(1, SUBPIXEL_BLOCK // (mh * mw * len(wsub)))
+        block = images_per_block(n, mh * mw * len(wsub), SUBPIXEL_BLOCK)
         for start in range(0, n, block):
             col = gather(module, "subpixel_col", x[start:start + block], d0, e0, mh, mw, th, tw, 1, bias is not None,
                          scratch=True)
@@ -400,7 +408,7 @@ class ConvTranspose2d(Workspace, layers.ConvTranspose2d):
         n, _, _, cout = dy.shape
         (h, w), p, cin = self.in_hw, self.padding, self.in_channels
         # images per block: the block's column matrix stays in cache for both its products (all N on a device)
-        block = n if backend.is_device_array(dy) else max(1, DCOL_BLOCK // (h * w * self.kh * self.kw * cout))
+        block = n if backend.is_device_array(dy) else images_per_block(n, h * w * self.kh * self.kw * cout, DCOL_BLOCK)
         dw = xp.zeros((self.kh * self.kw * cout, cin), dtype=xp.float64 if block < n else dy.dtype)
         dx = self.output_array("dx", (n * h * w, cin), dy.dtype, xp) if self.input_grad else None
         wmat_t = self._wmat().T

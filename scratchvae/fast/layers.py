@@ -10,12 +10,14 @@ from ..layers import Flatten, Linear, Module, Reshape  # noqa: F401  (the refere
 from .activations import LeakyReLU, ReLU, Sigmoid, Tanh  # noqa: F401
 from .conv import Conv2d, ConvTranspose2d  # noqa: F401
 from .norm import BatchNorm2d
+from .workspace import Workspace
 
 
 class Sequential(layers.Sequential):
     """``layers.Sequential``, where a BatchNorm2d directly followed by a LeakyReLU runs as one step,
     ``BatchNorm2d.forward(x, activation=leaky)``: the same numbers, with the activation applied to each piece
-    of BatchNorm's output while it is in cache."""
+    of BatchNorm's output while it is in cache. Inside a training step a BatchNorm2d keeps x - mean in the
+    output of the fast layer before it (``overwrite_input``), which nothing else reads."""
 
     def steps(self):
         """``[(layer, activation or None)]``: the layers in order, each LeakyReLU after a BatchNorm2d joined to it."""
@@ -29,8 +31,15 @@ class Sequential(layers.Sequential):
 
     def forward(self, x):
         self._steps = self.steps()  # backward retraces these
+        before = None
         for layer, activation in self._steps:
-            x = layer.forward(x) if activation is None else layer.forward(x, activation=activation)
+            if isinstance(layer, BatchNorm2d):
+                # inside a training step, the output of a fast layer before it is read by this BatchNorm alone
+                owned = layer.recycle_outputs and isinstance(before, Workspace)
+                x = layer.forward(x, activation=activation, overwrite_input=owned)
+            else:
+                x = layer.forward(x)
+            before = layer
         return x
 
     def backward(self, dy):

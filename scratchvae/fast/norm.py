@@ -84,25 +84,28 @@ class BatchNorm2d(Workspace, layers.BatchNorm2d):
     element in CUDA C, the variance from sums of x and x^2 in float64).
     """
 
-    def forward(self, x, activation=None):
+    def forward(self, x, activation=None, overwrite_input=False):
+        """``overwrite_input``: x is an output of the layer before, which nothing else reads; on the CPU BatchNorm
+        then keeps x - mean in it, instead of in an array of its own (on a GPU it keeps x itself anyway)."""
         self.check_input(x)
         if is_device_array(x):
             return self._forward_gpu(x, activation)
-        return self._forward_cpu(x, activation)
+        return self._forward_cpu(x, activation, overwrite_input)
 
     def backward(self, dy):
         if is_device_array(dy):
             return self._backward_gpu(dy)
         return self._backward_cpu(dy)
 
-    def _forward_cpu(self, x, activation):
+    def _forward_cpu(self, x, activation, overwrite_input=False):
         xp, dtype = array_module(x), x.dtype
         rows, k = channel_rows(x)
         m = x.size // x.shape[-1]
         rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
         mean = pixel_sums(rows, k) / m if self.training else rm
         mean_k = tiled(mean.astype(dtype), k)
-        xc = self.work_array("xc", rows.shape, dtype, xp)
+        own_memory = overwrite_input and x.flags.c_contiguous  # (else rows is a copy, new at every call)
+        xc = rows if own_memory else self.work_array("xc", rows.shape, dtype, xp)
 
         def centre(x_p, xc_p):  # x - mean, and its squares' sums column by column
             xp.subtract(x_p, mean_k, out=xc_p)

@@ -71,13 +71,14 @@ def _trained(seed=3, steps=2):
 
 def test_layers_share_their_scratch_and_take_turns_with_input_gradients():
     """A FastVAE's layers keep no column matrices or input gradients of their own: the model holds one scratch
-    array of each kind, and two input gradients that every layer writes in turn."""
+    array of each kind, and two input gradients that every layer writes in turn; and BatchNorm keeps x - mean
+    in the convolution's output before it."""
     model, _, _ = _trained()
     layers = [m for _, m in model.named_modules() if isinstance(m, fast.workspace.Workspace)]
     arena = layers[0]._arena
     assert all(m._arena is arena for m in layers)
     own = {name for m in layers for name in m.__dict__.get("_work", {})}
-    assert "output y" in own and not own & {"subpixel_col", "dcol", "phase", "output dx"}, own
+    assert "output y" in own and not own & {"subpixel_col", "dcol", "phase", "output dx", "xc"}, own
     assert sorted(key[0] for key in arena if isinstance(key, tuple) and key[0].startswith("dx")) == ["dx 0", "dx 1"]
 
 
@@ -96,3 +97,23 @@ def test_two_models_trained_in_turn_train_as_each_alone():
     for want, model in zip(alone, (a, b)):
         got = model.state_dict()
         assert [k for k in want if not numpy.array_equal(want[k], got[k])] == []
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_over_its_input_gives_the_same_numbers(training):
+    """``overwrite_input``: the same output, gradients and statistics, bit for bit; x then holds x - mean."""
+    x0 = randn(3, 5, 6, 4, seed=7).astype(numpy.float32) * 2 + 1
+    dy = randn(3, 5, 6, 4, seed=8).astype(numpy.float32)
+
+    def run(overwrite):
+        bn, act, x = fast.BatchNorm2d(4), fast.LeakyReLU(0.1), x0.copy()
+        bn.training = training
+        y = bn.forward(x, activation=act, overwrite_input=overwrite).copy()
+        dx = bn.backward(dy).copy()
+        return x, [y, dx, bn.grads["gamma"], bn.grads["beta"], bn.buffers["running_mean"], bn.buffers["running_var"]]
+
+    (x_kept, want), (x_used, got) = run(False), run(True)
+    assert [g.tobytes() for g in got] == [w.tobytes() for w in want]
+    assert x_kept.tobytes() == x0.tobytes()
+    mean = x0.reshape(-1, 4).mean(axis=0) if training else 0
+    numpy.testing.assert_allclose(x_used, x0 - mean, atol=1e-5)
