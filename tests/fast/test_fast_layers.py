@@ -137,6 +137,43 @@ def test_conv2d_multiply_first_in_blocks_of_images(xp, f64, monkeypatch, images_
     assert report["x"] <= TOL
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 3, 7])
+@pytest.mark.parametrize("kind", ["transposed", "conv"])
+def test_convolutions_in_blocks_of_images(f64, monkeypatch, blocks, kind):
+    """The sub-pixel products and ConvTranspose2d's backward work through blocks of images (``SUBPIXEL_BLOCK``,
+    ``DCOL_BLOCK``), the last one shorter where the blocks do not divide the batch: the numbers of one block
+    (dW, summed in float64 over blocks, to rounding), and correct by finite differences."""
+    x = randn(numpy, 7, 5, 6, 4, seed=36)
+    make = (lambda: fast.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1, rng=backend.rng(15))) \
+        if kind == "transposed" else (lambda: fast.Conv2d(4, 3, 3, stride=2, padding=1, rng=backend.rng(15)))
+
+    def run():
+        layer = make()
+        y = layer.forward(x)
+        dx = layer.backward(randn(numpy, *y.shape, seed=37))
+        return [a.copy() for a in (y, dx, *layer.grads.values())]
+
+    want = run()
+    assert conv.images_per_block(7, 10, 10 * 7) == 7
+    monkeypatch.setattr(conv, "images_per_block", lambda n, per_image, size: -(-n // blocks))  # 7, 4 + 3, 3 + 3 + 1...
+    got = run()
+    for a, b in zip(got, want):
+        numpy.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    report = run_check(f"{kind} conv in {blocks} blocks of images", make(), x)
+    assert report["x"] <= TOL
+
+
+@pytest.mark.parametrize("n, per_image, size, block", [
+    (64, 294912, 1 << 21, 8), (61, 294912, 1 << 21, 7), (64, 66560, 1 << 21, 22), (5, 10 ** 7, 1 << 21, 1),
+    (1, 100, 1 << 21, 1), (7, 10, 70, 7)])
+def test_images_per_block(n, per_image, size, block):
+    assert conv.images_per_block(n, per_image, size) == block
+    blocks = -(-n // block)
+    assert block * per_image <= max(size, per_image) or blocks == n  # fits, or one image a block
+    last = n - (blocks - 1) * block
+    assert 0 < last <= block and block - last < blocks  # the last block is short by fewer images than there are blocks
+
+
 @pytest.mark.parametrize("p", [0, 1, 2])
 def test_conv2d_multiply_first_forward_matches_naive_loop(xp, f64, p):
     layer = fast.Conv2d(5, 2, 3, stride=1, padding=p, rng=backend.rng(14))
