@@ -169,7 +169,8 @@ def test_convolutions_in_blocks_of_images(f64, monkeypatch, blocks, kind):
 def test_images_per_block(n, per_image, size, block):
     assert conv.images_per_block(n, per_image, size) == block
     blocks = -(-n // block)
-    assert block * per_image <= max(size, per_image) or blocks == n  # fits, or one image a block
+    assert block * per_image <= max(size, per_image) + per_image  # about size: within one image of it
+    assert blocks == 1 or n * per_image > (blocks - 1) * size  # and no fewer blocks would do
     last = n - (blocks - 1) * block
     assert 0 < last <= block and block - last < blocks  # the last block is short by fewer images than there are blocks
 
