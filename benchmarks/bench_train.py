@@ -403,7 +403,9 @@ def environment(args):
     blas = numpy.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
     lines.append(f"BLAS: {blas.get('name', '?')} {blas.get('version', '')}")
     env = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_") and k != "OPENBLAS_NUM_THREADS"}
-    lines.append("OpenBLAS environment: " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "none set"))
+    lines.append("OpenBLAS environment: " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "none set")
+                 + " (scratchvae's processes import it first, which sets OPENBLAS_THREAD_TIMEOUT=4 where it is unset; "
+                 f"its elementwise threads: {os.environ.get('SCRATCHVAE_THREADS') or 'the default'})")
     a = numpy.random.default_rng(0).random((2048, 2048), dtype=numpy.float32)
     a @ a
     t = min(timed(lambda: a @ a) for _ in range(5))

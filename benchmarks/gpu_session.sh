@@ -67,7 +67,9 @@ fi
 # three processes per framework, so that the median is not the one slow process a run sometimes has (in 3 of the
 # first 5 H200 runs one scratchvae process ran all its steps 1.5-1.8x slower than the others; with two, the median
 # was that one)
-step benchmark 230 "$py" benchmarks/bench_train.py --devices gpu --batches 128 --rounds 3
+# PyTorch eager, NCHW and channels_last; torch.compile on the GPU compiles for about a minute a process, which
+# this call has no room for: a later call can time it alone (--torch-configs compile --rounds 1)
+step benchmark 230 "$py" benchmarks/bench_train.py --devices gpu --batches 128 --rounds 3 --torch-configs eager channels_last
 
 # an experiment, last so that it cannot cost the figures above: the step's forward + backward as a CUDA graph
 step graph 60 "$py" benchmarks/graph_step.py
