@@ -154,7 +154,7 @@ def main(argv=None):
         export_revision(args.rev, target)
         print(f"wrote {target}/scratchvae_rev: carry .revisions to the machine that runs the comparison")
         return
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "SCRATCHVAE_THREADS"):
         os.environ[var] = str(args.threads)
 
     if args.processes:

@@ -23,8 +23,8 @@ def test_an_exported_revision_is_compared_without_git(monkeypatch, tmp_path, cap
         pytest.skip("not a git checkout")
     monkeypatch.setattr(compare_revisions, "REVISIONS", str(tmp_path))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.setenv(var, "2")
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "SCRATCHVAE_THREADS"):
+        monkeypatch.setenv(var, "2")  # (main sets them: restored after the test)
     monkeypatch.delitem(sys.modules, "scratchvae_rev", raising=False)
 
     compare_revisions.main(["HEAD", "--export"])
