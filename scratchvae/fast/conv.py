@@ -409,7 +409,8 @@ class ConvTranspose2d(Workspace, layers.ConvTranspose2d):
         (h, w), p, cin = self.in_hw, self.padding, self.in_channels
         # images per block: the block's column matrix stays in cache for both its products (all N on a device)
         block = n if backend.is_device_array(dy) else images_per_block(n, h * w * self.kh * self.kw * cout, DCOL_BLOCK)
-        dw = xp.zeros((self.kh * self.kw * cout, cin), dtype=xp.float64 if block < n else dy.dtype)
+        # (one block, as on a GPU: dW is the block's product itself, with no launch to sum it)
+        dw = None if block >= n else xp.zeros((self.kh * self.kw * cout, cin), dtype=xp.float64)
         dx = self.output_array("dx", (n * h * w, cin), dy.dtype, xp) if self.input_grad else None
         wmat_t = self._wmat().T
         for start in range(0, n, block):
@@ -417,10 +418,14 @@ class ConvTranspose2d(Workspace, layers.ConvTranspose2d):
             # the windows of dy that every input pixel scattered onto: im2col of dy with stride s
             dcol = gather(self, "dcol", dy[start:start + block], -p, -p, h, w, self.kh, self.kw, self.stride,
                           scratch=True)
-            dw += sum_over_rows(dcol, self.x2[pixels])  # (kh*kw*out, in)
+            part = sum_over_rows(dcol, self.x2[pixels])  # (kh*kw*out, in)
+            if dw is None:
+                dw = part
+            else:
+                dw += part
             if dx is not None:
                 xp.matmul(dcol, wmat_t, out=dx[pixels])
-        self.grads["W"] += dw.reshape(self.kh, self.kw, cout, cin).transpose(3, 2, 0, 1).astype(dy.dtype)
+        self.grads["W"] += dw.reshape(self.kh, self.kw, cout, cin).transpose(3, 2, 0, 1)
         if "b" in self.params:
             if backend.is_device_array(dy):  # two launches instead of five
                 sums = kernels.block_sums(xp, "sum_rows", dy.reshape(-1, cout))
