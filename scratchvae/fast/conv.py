@@ -42,6 +42,11 @@ def images_per_block(n, per_image, size):
     return -(-n // blocks)
 
 
+def shorter_last(start, block, n):
+    """Whether the block of images from ``start`` is a last one shorter than the others."""
+    return start + block > n
+
+
 def windows(xpad, top, left, oh, ow, kh, kw, stride):
     """Every kernel window of an NHWC array as one strided view ``(N, OH, OW, kh, kw*C)``, without copying.
 
@@ -76,7 +81,7 @@ def _split(first, stride, k, size, count):
     return (p0, p1), [r for r in ((0, p0), (p1, count)) if r[0] < r[1]]
 
 
-def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False, scratch=False):
+def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False, scratch=False, last=False):
     """The column matrix ``(N*OH*OW, kh*kw*C)`` of every kernel window of NHWC ``x``, in a work array of ``module``.
 
     Output position (p, q) sees the window whose top-left pixel is ``(top + s p, left + s q)``; where a window
@@ -85,7 +90,9 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
     zero-bordered copies of the few rows or columns they read, so x itself is never copied into a padded array.
     On a GPU one kernel (``kernels``' ``im2col``) writes the whole matrix instead, zeros and ones included.
 
-    With ``scratch`` the matrix is a ``scratch_array``, for a caller who is done with it before it returns.
+    With ``scratch`` the matrix is a ``scratch_array``, for a caller who is done with it before it returns. A
+    caller that gathers by blocks of images says which is the ``last``, shorter one: its border strips keep
+    arrays of their own, so that blocks of two lengths reallocate none.
     With ``ones_column`` the matrix has a first column of ones. Multiplied by a weight matrix whose first
     row is the bias, the product then adds the bias itself, with no pass of its own over the output; and
     in backward, col^T dy has the bias gradient (the sum of dy) as its first row.
@@ -123,8 +130,8 @@ def gather(module, name, x, top, left, oh, ow, kh, kw, stride, ones_column=False
         r0, c0 = top + stride * pa, left + stride * qa
         rows, above, below = _inside(r0, top + stride * (pb - 1) + kh, h)
         cols, before, after = _inside(c0, left + stride * (qb - 1) + kw, w)
-        # (one per number of images: a last, shorter block of images keeps its own)
-        part = module.padded(f"{name} border {pa} {qa} {n}", x[:, rows, cols], above, below, before, after)
+        part = module.padded(f"{name} border {pa} {qa}" + " last" * last, x[:, rows, cols], above, below, before,
+                             after)
         taps[:, pa:pb, qa:qb] = windows(part, 0, 0, pb - pa, qb - qa, kh, kw, stride)
     return col.reshape(n * oh * ow, one + k)
 
@@ -192,7 +199,7 @@ def transposed_conv(module, x, w, stride, padding, out_hw, bias=None, name="y"):
         block = images_per_block(n, mh * mw * len(wsub), SUBPIXEL_BLOCK)
         for start in range(0, n, block):
             col = gather(module, "subpixel_col", x[start:start + block], d0, e0, mh, mw, th, tw, 1, bias is not None,
-                         scratch=True)
+                         scratch=True, last=shorter_last(start, block, n))
             _phase_products_cpu(module, col, wsub, y[start:start + block], row_phases, tw * cin, one)
     return y.reshape(n, mh * s, mw * s, cout)[:, :oh, :ow, :]
 
@@ -417,7 +424,7 @@ class ConvTranspose2d(Workspace, layers.ConvTranspose2d):
             pixels = slice(start * h * w, min(start + block, n) * h * w)
             # the windows of dy that every input pixel scattered onto: im2col of dy with stride s
             dcol = gather(self, "dcol", dy[start:start + block], -p, -p, h, w, self.kh, self.kw, self.stride,
-                          scratch=True)
+                          scratch=True, last=shorter_last(start, block, n))
             part = sum_over_rows(dcol, self.x2[pixels])  # (kh*kw*out, in)
             if dw is None:
                 dw = part

@@ -10,14 +10,13 @@ from ..layers import Flatten, Linear, Module, Reshape  # noqa: F401  (the refere
 from .activations import LeakyReLU, ReLU, Sigmoid, Tanh  # noqa: F401
 from .conv import Conv2d, ConvTranspose2d  # noqa: F401
 from .norm import BatchNorm2d
-from .workspace import Workspace
 
 
 class Sequential(layers.Sequential):
     """``layers.Sequential``, where a BatchNorm2d directly followed by a LeakyReLU runs as one step,
     ``BatchNorm2d.forward(x, activation=leaky)``: the same numbers, with the activation applied to each piece
-    of BatchNorm's output while it is in cache. Inside a training step a BatchNorm2d keeps x - mean in the
-    output of the fast layer before it (``overwrite_input``), which nothing else reads."""
+    of BatchNorm's output while it is in cache. Inside a training step a BatchNorm2d right after a convolution
+    keeps x - mean in the convolution's output (``overwrite_input``), which nothing else reads."""
 
     def steps(self):
         """``[(layer, activation or None)]``: the layers in order, each LeakyReLU after a BatchNorm2d joined to it."""
@@ -34,8 +33,9 @@ class Sequential(layers.Sequential):
         before = None
         for layer, activation in self._steps:
             if isinstance(layer, BatchNorm2d):
-                # inside a training step, the output of a fast layer before it is read by this BatchNorm alone
-                owned = layer.recycle_outputs and isinstance(before, Workspace)
+                # inside a training step a convolution's output is read by the next layer alone (a convolution's
+                # backward needs its input, not its output; an activation's would need its output)
+                owned = layer.recycle_outputs and isinstance(before, (Conv2d, ConvTranspose2d))
                 x = layer.forward(x, activation=activation, overwrite_input=owned)
             else:
                 x = layer.forward(x)

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import math
-import threading
 
 from .. import optim
 from ..backend import array_module, is_device_array
 from . import kernels
 from .threads import each_piece
-from .workspace import flat_parameters, piece_rows
+from .workspace import flat_parameters, piece_rows, thread_slot
 
 PIECE = 1 << 17  # numbers per piece: a parameter's piece, its gradient's and its moments' (2 MB in all) stay in cache
 
@@ -79,7 +78,7 @@ class Adam(optim.Adam):
         every call)."""
         xp, size = array_module(p), piece_rows(p, PIECE) * (p.size // len(p))
         scratch = self.__dict__.setdefault("_scratch", {})
-        name = threading.current_thread().name
+        name = thread_slot()
         s = scratch.get(name)
         if s is None or s.shape[1] < size or s.dtype != p.dtype or array_module(s) is not xp:
             s = scratch[name] = xp.empty((2, size), dtype=p.dtype)

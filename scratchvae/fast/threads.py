@@ -15,18 +15,20 @@ OpenBLAS's spinning ones and lose time).
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import queue
 import threading
 from concurrent.futures import Future
 
 from .. import OPENBLAS_SPIN_SET
-from .workspace import pieces
+from .workspace import WORKER_PREFIX, pieces
 
 MAX_THREADS = 4  # elementwise work is bound by memory, which a few cores already keep busy
 ENV_VAR = "SCRATCHVAE_THREADS"
 
 _state = {"threads": None, "pool": None, "owner": None}
+_lock = threading.RLock()
 
 
 def default_threads():
@@ -50,11 +52,12 @@ def set_threads(n):
     """Use ``n`` threads (1 or more) for the fast engine's elementwise work from now on; returns n."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"threads must be a whole number, 1 or more, not {n!r}")
-    if n != _state["threads"] and _state["owner"] == os.getpid():
-        for inbox in _state["pool"]:
-            inbox.put(None)  # the worker ends
-        _state["pool"], _state["owner"] = None, None
-    _state["threads"] = n
+    with _lock:  # (not while an each_piece hands out its pieces)
+        if n != _state["threads"] and _state["owner"] == os.getpid():
+            for inbox in _state["pool"]:
+                inbox.put(None)  # the worker ends, after the jobs before it
+            _state["pool"], _state["owner"] = None, None
+        _state["threads"] = n
     return n
 
 
@@ -68,9 +71,9 @@ def get_threads():
 def _serve(inbox):
     """A worker: runs the jobs put in its inbox, one after the other, until it gets None."""
     while (job := inbox.get()) is not None:
-        future, work = job
+        future, context, work = job
         try:
-            future.set_result(work())
+            future.set_result(context.run(work))  # in the caller's context: its numpy.errstate, for one
         except BaseException as e:  # noqa: BLE001  (handed to the caller, who raises it)
             future.set_exception(e)
 
@@ -81,7 +84,7 @@ def _pool():
     if _state["owner"] != os.getpid():
         _state["pool"] = [queue.SimpleQueue() for _ in range(get_threads() - 1)]
         for i, inbox in enumerate(_state["pool"]):
-            threading.Thread(target=_serve, args=(inbox,), name=f"scratchvae-{i + 1}", daemon=True).start()
+            threading.Thread(target=_serve, args=(inbox,), name=f"{WORKER_PREFIX}{i + 1}", daemon=True).start()
         _state["owner"] = os.getpid()
     return _state["pool"]
 
@@ -90,15 +93,17 @@ def each_piece(fn, *arrays, size):
     """``[fn(*piece) for piece in pieces(*arrays, size=size)]``, the pieces shared among the threads: one run of
     consecutive pieces each, the calling thread taking the first. ``fn`` must only write into its own piece."""
     parts = list(pieces(*arrays, size=size))
-    count = min(get_threads(), len(parts))
-    if count == 1 or threading.current_thread().name.startswith("scratchvae-"):
+    if len(parts) == 1 or get_threads() == 1 or threading.current_thread().name.startswith(WORKER_PREFIX):
         return [fn(*part) for part in parts]
-    bounds = [len(parts) * t // count for t in range(count + 1)]
-    runs = [parts[a:b] for a, b in zip(bounds, bounds[1:])]
     futures = []
-    for inbox, run in zip(_pool(), runs[1:]):
-        futures.append(Future())
-        inbox.put((futures[-1], lambda run=run: [fn(*part) for part in run]))
+    with _lock:  # the pool and the runs handed to it agree, whatever set_threads another thread calls
+        pool = _pool()
+        count = min(len(pool) + 1, len(parts))
+        bounds = [len(parts) * t // count for t in range(count + 1)]
+        runs = [parts[a:b] for a, b in zip(bounds, bounds[1:])]
+        for inbox, run in zip(pool, runs[1:]):
+            futures.append(Future())
+            inbox.put((futures[-1], contextvars.copy_context(), lambda run=run: [fn(*part) for part in run]))
     try:
         first = [fn(*part) for part in runs[0]]
     finally:  # the other threads finish their pieces before anything goes on, an exception included

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..backend import array_module, to_host
-from ..vae import VAE
-from . import layers
+from ..vae import VAE, SquaredError
+from . import layers, recon
 from .optim import Adam
 from .workspace import flat_buffers, flat_parameters, flatten_parameters, recycling_outputs, share_scratch
 
@@ -19,6 +19,8 @@ class FastVAE(VAE):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if type(self.recon) is SquaredError:  # the derived term: its sums shared among the threads
+            self.recon = recon.SquaredError()
         flatten_parameters(self)
         share_scratch(self)
 

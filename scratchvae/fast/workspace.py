@@ -45,6 +45,15 @@ def piece_rows(a, size):
     return max(1, size // (a.size // len(a)))  # whole rows (or images) of about `size` numbers
 
 
+WORKER_PREFIX = "scratchvae-"  # the names of the threads of fast.threads
+
+
+def thread_slot():
+    """``"caller"``, or the name of the ``threads`` worker this runs on: whose scratch a piece may use."""
+    name = threading.current_thread().name
+    return name if name.startswith(WORKER_PREFIX) else "caller"
+
+
 class Workspace:
     """Work arrays for a layer: scratch memory and outputs that live from call to call."""
 
@@ -87,8 +96,8 @@ class Workspace:
 
     def thread_array(self, name, shape, dtype, xp):
         """``work_array`` of the calling thread's own: scratch for a piece of ``threads.each_piece``, which pieces
-        on other threads must not share."""
-        return self.work_array(f"{name} {threading.current_thread().name}", shape, dtype, xp)
+        on other threads must not share (one for the caller, whichever thread it is, and one per worker)."""
+        return self.work_array(f"{name} {thread_slot()}", shape, dtype, xp)
 
     def output_array(self, name, shape, dtype, xp):
         """The array to write an output into: a new one, or inside a training step the one of the last step

@@ -1,5 +1,7 @@
 """The fast engine's VAE (``FastVAE``, what ``VAE(engine="fast")`` builds): its GPU path, run on the tests' stand-in
 device, against its CPU path."""
+import contextlib
+
 import numpy
 import pytest
 
@@ -117,3 +119,23 @@ def test_batchnorm_over_its_input_gives_the_same_numbers(training):
     assert x_kept.tobytes() == x0.tobytes()
     mean = x0.reshape(-1, 4).mean(axis=0) if training else 0
     numpy.testing.assert_allclose(x_used, x0 - mean, atol=1e-5)
+
+
+@pytest.mark.parametrize("middle", [[], ["leaky"], ["sigmoid"], ["bn", "leaky"]])
+def test_a_sequential_recycling_its_outputs_gives_the_numbers_of_one_that_does_not(middle):
+    """BatchNorm keeps x - mean over its input only after a convolution: after an activation (or a BatchNorm with
+    one), whose backward reads its own output, it keeps its own copy, and every gradient stays right."""
+    make = {"leaky": lambda: fast.LeakyReLU(0.1), "sigmoid": fast.Sigmoid, "bn": lambda: fast.BatchNorm2d(4)}
+    x = randn(3, 6, 6, 2, seed=20).astype(numpy.float32)
+    dy = randn(3, 6, 6, 4, seed=21).astype(numpy.float32)
+
+    def run(recycle):
+        seq = fast.Sequential(fast.Conv2d(2, 4, 3, padding=1, rng=backend.rng(22)), *[make[m]() for m in middle],
+                              fast.BatchNorm2d(4))
+        with fast.workspace.recycling_outputs(seq) if recycle else contextlib.nullcontext():
+            y = seq.forward(x).copy()
+            dx = seq.backward(dy).copy()
+        return [y, dx] + [g.copy() for _, _, g in seq.named_parameters()]
+
+    want, got = run(False), run(True)
+    assert [g.tobytes() for g in got] == [w.tobytes() for w in want]

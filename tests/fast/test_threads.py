@@ -1,4 +1,5 @@
 """The fast engine's threads (``scratchvae.fast.threads``): every result bit-for-bit that of one thread."""
+import itertools
 import multiprocessing
 import threading
 import time
@@ -162,6 +163,7 @@ def test_activations_are_the_same_on_any_number_of_threads(layer, small_pieces, 
 
 @pytest.mark.parametrize("kind, shape, kwargs", [
     ("conv", (3, 9, 11, 4), {"stride": 2, "padding": 1}),
+    ("conv", (5, 8, 8, 6), {"stride": 1, "padding": 1}),  # fewer outputs than inputs: multiply first, then shift
     ("conv", (2, 8, 8, 1), {"stride": 1, "padding": 2}),
     ("transposed", (3, 5, 7, 4), {"stride": 2, "padding": 1, "output_padding": 1}),
     ("transposed", (2, 6, 6, 3), {"stride": 3, "padding": 0}),
@@ -209,3 +211,75 @@ def test_training_steps_are_the_same_on_any_number_of_threads(small_pieces, rest
         assert logs == want_logs
         assert got.keys() == want.keys()
         assert [k for k in want if got[k].tobytes() != want[k].tobytes()] == [], f"{n} threads"
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_the_squared_error_is_the_reference_one_on_any_number_of_threads(samples, small_pieces, restore_threads,
+                                                                          monkeypatch):
+    """The fast engine's squared error (``fast.recon``): the reference's numbers, bit for bit, on 1 to 3 threads."""
+    from scratchvae import vae  # noqa: PLC0415
+    from scratchvae.fast import recon  # noqa: PLC0415
+
+    monkeypatch.setattr(recon, "PIECE", 300)
+    x = numpy.random.default_rng(11).random((5, 3, 7, 9)).astype(numpy.float32)
+    out = numpy.random.default_rng(12).random((samples, 5, 3, 7, 9)).astype(numpy.float32)
+    dnll = numpy.random.default_rng(13).random((samples, 5)).astype(numpy.float32)
+    reference = vae.SquaredError()
+    want = [reference.nll(x, out), reference.nll_backward(dnll, x, out)]
+    for n in (1, 2, 3):
+        threads.set_threads(n)
+        fast_term = recon.SquaredError()
+        got = [fast_term.nll(x, out), fast_term.nll_backward(dnll, x, out)]
+        assert [g.tobytes() for g in got] == [w.tobytes() for w in want], f"{n} threads"
+    assert type(VAE(image_size=16, preset="tiny").recon) is recon.SquaredError
+    assert type(VAE(image_size=16, preset="tiny", engine="reference").recon) is vae.SquaredError
+
+
+def test_set_threads_from_another_thread_loses_no_piece(restore_threads):
+    """``each_piece`` hands its runs to the pool it counted them for, while another thread resizes the pool."""
+    stop = threading.Event()
+
+    def resize():
+        sizes = itertools.cycle([2, 3, 1, 4])
+        while not stop.is_set():
+            threads.set_threads(next(sizes))
+
+    a = numpy.arange(60.0).reshape(30, 2)
+    resizer = threading.Thread(target=resize, daemon=True)
+    resizer.start()
+    try:
+        for _ in range(300):
+            out = numpy.zeros_like(a)
+            threads.each_piece(lambda a_p, out_p: numpy.multiply(a_p, 2, out=out_p), a, out, size=4)
+            numpy.testing.assert_array_equal(out, 2 * a)
+    finally:
+        stop.set()
+        resizer.join(timeout=10)
+
+
+def test_the_callers_errstate_holds_on_every_thread(restore_threads):
+    """An overflow on a worker's piece raises under the caller's ``numpy.errstate(all="raise")``, as on its own."""
+    threads.set_threads(2)
+    a = numpy.ones((8, 4), dtype=numpy.float32)
+    a[-1] = 3e38  # in the last piece: the worker's run
+
+    def double(a_p):
+        return a_p * numpy.float32(2)
+
+    with numpy.errstate(all="raise"), pytest.raises(FloatingPointError):
+        threads.each_piece(double, a, size=4)
+
+
+def test_scratch_does_not_grow_with_the_threads_that_train(restore_threads):
+    """Steps run from several threads in turn share the caller's scratch: one per layer, not one per thread."""
+    threads.set_threads(2)
+    model = VAE(image_size=16, preset="tiny", seed=2)
+    optimizer = model.make_optimizer()
+    images = backend.rng(10).random((3, 3, 16, 16)).astype(numpy.float32)
+    for step in range(4):
+        runner = threading.Thread(target=model.train_step, args=(images, optimizer), kwargs={"rng": backend.rng(step)})
+        runner.start()
+        runner.join()
+    names = {name for _, m in model.named_modules() for name in m.__dict__.get("_work", {}) if name.startswith("piece")}
+    assert names <= {"piece caller", "piece scratchvae-1"}, names
+    assert set(optimizer._scratch) <= {"caller", "scratchvae-1"}
