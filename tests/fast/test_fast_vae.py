@@ -95,7 +95,9 @@ def test_two_models_trained_in_turn_train_as_each_alone():
         a.train_step(x_a, opt_a, rng=backend.rng((3, step)))
         b.train_step(x_b, opt_b, rng=backend.rng((4, step)))
     clone = copy.deepcopy(a)
-    assert clone.encoder.layers[0]._arena is not a.encoder.layers[0]._arena
+    arenas = [m.encoder.layers[0]._arena for m in (a, b, clone)]
+    assert arenas[0] is not arenas[1] and arenas[2] is not arenas[0]
+    assert all(m._arena is arenas[2] for _, m in clone.named_modules() if isinstance(m, fast.workspace.Workspace))
     for want, model in zip(alone, (a, b)):
         got = model.state_dict()
         assert [k for k in want if not numpy.array_equal(want[k], got[k])] == []
