@@ -5,7 +5,7 @@ from .. import vae
 from ..backend import array_module
 from .norm import PIECE
 from .threads import each_piece
-from .workspace import Workspace
+from .workspace import Workspace, piece_rows
 
 
 class SquaredError(Workspace, vae.SquaredError):
@@ -18,8 +18,12 @@ class SquaredError(Workspace, vae.SquaredError):
         rows = out.reshape(m, n, -1)
         nll = xp.empty((m, n), dtype=out.dtype)
 
+        # one piece's room, of the longest piece's shape: a shorter last piece takes the front of it
+        shape = (piece_rows(rows[0], PIECE), rows.shape[2])
+
         def squares(out_p, x_p, nll_p):
-            diff = xp.subtract(out_p, x_p, out=self.thread_array("diff", out_p.shape, out_p.dtype, xp))
+            diff = self.thread_array("diff", shape, out.dtype, xp)[:len(out_p)]
+            xp.subtract(out_p, x_p, out=diff)
             diff *= diff
             diff.sum(axis=1, out=nll_p)
 

@@ -283,3 +283,18 @@ def test_scratch_does_not_grow_with_the_threads_that_train(restore_threads):
     names = {name for _, m in model.named_modules() for name in m.__dict__.get("_work", {}) if name.startswith("piece")}
     assert names <= {"piece caller", "piece scratchvae-1"}, names
     assert set(optimizer._scratch) <= {"caller", "scratchvae-1"}
+
+
+def test_the_squared_error_keeps_one_scratch_array_per_thread(small_pieces, restore_threads, monkeypatch):
+    """Pieces of two lengths (a shorter last one) share one scratch array a thread: none made anew per call."""
+    from scratchvae.fast import recon  # noqa: PLC0415
+
+    monkeypatch.setattr(recon, "PIECE", 2 * 3 * 7 * 9)  # two images a piece: 2 + 2 + 1 of five
+    threads.set_threads(2)
+    x = numpy.random.default_rng(11).random((5, 3, 7, 9)).astype(numpy.float32)
+    out = numpy.random.default_rng(12).random((1, 5, 3, 7, 9)).astype(numpy.float32)
+    term = recon.SquaredError()
+    term.nll(x, out)
+    arrays = {name: entry[1] for name, entry in term._work.items()}
+    term.nll(x, out)
+    assert arrays and all(term._work[name][1] is a for name, a in arrays.items())
